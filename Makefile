@@ -1,0 +1,53 @@
+# taxfree: every target creates .venv on first use from the project's own files.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/experiments/demo.yaml
+ARGS ?=
+export PIP_CONSTRAINT := $(CURDIR)/requirements/constraints.txt
+export HF_HUB_DISABLE_TELEMETRY := 1
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+STAGES := pretrain sft rm sample align merge ama evaluate report
+
+.PHONY: venv test test-fast demo run validate bench data clean-venv $(STAGES)
+
+venv: $(VENV)/.installed
+
+# torch first (the CPU build on disk), then everything else under the same constraint.
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: venv
+	$(OFFLINE) $(PY) -m pytest -q $(ARGS)
+
+test-fast: venv
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow and not dist" $(ARGS)
+
+demo: venv
+	$(OFFLINE) $(VENV)/bin/taxfree run configs/experiments/demo.yaml $(ARGS)
+
+run: venv
+	$(VENV)/bin/taxfree run $(CONFIG) $(ARGS)
+
+validate: venv
+	$(VENV)/bin/taxfree validate $(CONFIG)
+
+$(STAGES): venv
+	$(VENV)/bin/taxfree $@ $(CONFIG) $(ARGS)
+
+bench: venv
+	$(OFFLINE) $(PY) bench/optimizer_step.py
+	$(OFFLINE) $(PY) bench/merge.py
+
+# Downloads need the network (not offline): make data DATASET=hh_rlhf
+data: venv
+	scripts/download_data.sh $(DATASET) $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

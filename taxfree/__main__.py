@@ -1,0 +1,5 @@
+import sys
+
+from taxfree.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""The `taxfree` command. Every user mistake ends as one `error: ...` line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from taxfree import __version__
+from taxfree.errors import TaxfreeError
+from taxfree.pipeline.config import IMPLEMENTED_STAGES, STAGE_ORDER
+
+STAGE_HELP = {
+    "world": "write the tiny world's data and tokenizer",
+    "pretrain": "pretrain the tiny base model on the world's corpus",
+    "sft": "supervised fine-tuning (TRL SFTTrainer, loss on responses)",
+    "rm": "train the reward model",
+    "sample": "sample K completions per prompt and score them",
+    "align": "preference alignment (DPO, IPO, KTO, EXO, ...) x optimizer",
+    "merge": "post-hoc averaging of SFT and aligned models",
+    "ama": "adaptive model averaging",
+    "evaluate": "reward, PairRM and benchmarks for every model",
+    "report": "results table and reward-vs-tax plot",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: same one-line form, exit 2
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (configs/experiments/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set sft.lr=1e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="taxfree", description="Alignment that raises reward and keeps the alignment tax low.")
+    parser.add_argument("--version", action="version", version=f"taxfree {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("validate", help="check a config (types, keys, paths) without running anything")
+    _add_config_args(p)
+
+    p = sub.add_parser("run", help="run the experiment's stages in order, skipping finished ones")
+    _add_config_args(p)
+    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGE_ORDER)}")
+    p.add_argument("--force", action="store_true", help="re-run the selected stages even if finished")
+
+    for stage in STAGE_ORDER:
+        if stage not in IMPLEMENTED_STAGES:
+            continue
+        p = sub.add_parser(stage, help=STAGE_HELP[stage])
+        _add_config_args(p)
+        p.add_argument("--force", action="store_true", help="re-run even if finished")
+        p.set_defaults(stage=stage)
+
+    try:
+        from taxfree.merging.cli import add_merge_arguments
+    except ImportError:
+        add_merge_arguments = None
+    if add_merge_arguments is not None:
+        p = sub.add_parser("merge", help="merge checkpoints (linear, partwise) with bounded memory")
+        add_merge_arguments(p)
+
+    try:
+        from taxfree.data.cli import add_data_subcommands
+    except ImportError:
+        add_data_subcommands = None
+    if add_data_subcommands is not None:
+        p = sub.add_parser("data", help="convert, validate and download data sets")
+        add_data_subcommands(p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser))
+    return parser
+
+
+def _parse_stages(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "merge":
+        from taxfree.merging.cli import run_merge
+
+        run_merge(args)
+        return 0
+    if args.command == "data":
+        from taxfree.data.cli import run_data
+
+        return run_data(args) or 0
+
+    from taxfree.pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "validate":
+        stages = ", ".join(cfg.enabled_stages())
+        print(f"ok: {args.config}: experiment {cfg.name!r}, stages {stages} -> {cfg.root}")
+        return 0
+
+    from taxfree.pipeline.runner import Runner
+
+    runner = Runner(cfg, force=args.force, argv=["taxfree", *argv])
+    if args.command == "run":
+        stages = _parse_stages(args.stages)
+        runner.run(stages)
+    else:
+        runner.run([args.stage])
+    print(f"results: {cfg.root}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except TaxfreeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def console_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""K-way contrastive alignment losses of the EXO paper (arXiv 2402.00856), ALGORITHMS.md 2.
+
+Each prompt has K completions with log-ratios z_i (policy vs reference, summed over response
+tokens) and rewards r_i. The policy's distribution over the K completions is
+p = softmax(beta_pi * z); the target is q = softmax(r / beta_r) (`*-rw`) or (1 - eps, eps) for
+(winner, loser) (`*-pref`, K = 2). EXO minimises the reverse KL(p || q), DPO-style methods the
+forward cross-entropy -sum q log p. Pure functions: no model, no trainer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from taxfree.errors import TaxfreeError
+from taxfree.losses._checks import check_positive
+
+CONTRASTIVE_KINDS = ("exo-rw", "exo-pref", "dpo-rw", "dpo-pref")
+
+# The EXO authors' code used log q = (0, -10) for (winner, loser): eps = e^-10 / (1 + e^-10).
+EXO_PREF_EPS = 1.0 / (1.0 + math.exp(10.0))
+
+
+def winner_loser(values: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split [B, 2] `values` into (winner, loser) columns; the winner has the larger reward.
+
+    A tie goes to the first completion (torch.argmax picks the first maximum).
+    """
+    if values.dim() != 2 or values.shape[1] != 2 or rewards.shape != values.shape:
+        raise TaxfreeError(
+            f"pairwise split needs [B, 2] values and rewards, got {tuple(values.shape)} "
+            f"and {tuple(rewards.shape)}"
+        )
+    win = rewards.argmax(dim=1, keepdim=True)
+    return values.gather(1, win).squeeze(1), values.gather(1, 1 - win).squeeze(1)
+
+
+def contrastive_loss(
+    kind: str,
+    logratios: torch.Tensor,
+    rewards: torch.Tensor,
+    beta_pi: float = 0.1,
+    beta_r: float = 0.1,
+    pref_eps: float = EXO_PREF_EPS,
+) -> torch.Tensor:
+    """Mean over prompts of the `kind` loss for `[B, K]` log-ratios and rewards.
+
+    - exo-rw:   sum_i p_i (log p_i - log q_i),  q = softmax(r / beta_r)
+    - exo-pref: same reverse KL with q = (1 - pref_eps, pref_eps) for (winner, loser); K = 2
+    - dpo-rw:   -sum_i q_i log p_i,             q = softmax(r / beta_r)
+    - dpo-pref: -log sigmoid(beta_pi * (z_w - z_l)); K = 2
+    where p = softmax(beta_pi * z). Rewards carry no gradient.
+    """
+    where = "contrastive_loss"
+    if kind not in CONTRASTIVE_KINDS:
+        raise TaxfreeError(f"{where}: unknown kind {kind!r}; expected one of {', '.join(CONTRASTIVE_KINDS)}")
+    if logratios.dim() != 2 or rewards.shape != logratios.shape:
+        raise TaxfreeError(
+            f"{where}: logratios and rewards must both be [B, K]; got {tuple(logratios.shape)} "
+            f"and {tuple(rewards.shape)}"
+        )
+    check_positive("beta_pi", beta_pi, where)
+    check_positive("beta_r", beta_r, where)
+    k = logratios.shape[1]
+    if k < 2:
+        raise TaxfreeError(f"{where}: need K >= 2 completions per prompt, got K = {k}")
+    rewards = rewards.detach().to(logratios.dtype)
+
+    if kind.endswith("-pref"):
+        if k != 2:
+            raise TaxfreeError(f"{where}: {kind} compares a pair, so K must be 2; got K = {k}")
+        if not 0.0 < pref_eps < 0.5:
+            raise TaxfreeError(f"{where}: pref_eps must be in (0, 0.5), got {pref_eps!r}")
+        z_w, z_l = winner_loser(logratios, rewards)
+        if kind == "dpo-pref":
+            return -F.logsigmoid(beta_pi * (z_w - z_l)).mean()
+        logratios = torch.stack([z_w, z_l], dim=1)
+        log_q = logratios.new_tensor([math.log1p(-pref_eps), math.log(pref_eps)]).expand_as(logratios)
+    else:
+        log_q = F.log_softmax(rewards / beta_r, dim=1)
+
+    log_p = F.log_softmax(beta_pi * logratios, dim=1)
+    if kind.startswith("exo"):
+        per_prompt = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    else:
+        per_prompt = -(log_q.exp() * log_p).sum(dim=1)
+    return per_prompt.mean()

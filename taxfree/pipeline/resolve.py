@@ -1,0 +1,67 @@
+"""Where each input of a stage comes from: the config when it names a path, else a stage of the run.
+
+Every stage asks here, so "which model is the base / the SFT model / the tokenizer" has one answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from taxfree.data.tiny_world import world_files
+from taxfree.errors import TaxfreeError
+from taxfree.pipeline.config import ExperimentConfig
+
+# data key -> attribute of TinyWorldFiles
+_WORLD_DATA = {
+    "pretrain_train": "corpus_train",
+    "pretrain_eval": "corpus_eval",
+    "sft_train": "sft_train",
+    "sft_eval": "sft_eval",
+    "pref_train": "pref_train",
+    "pref_eval": "pref_eval",
+    "eval_prompts": "eval_prompts",
+}
+
+
+def world_dir(cfg: ExperimentConfig) -> Path:
+    return cfg.stage_dir("world") / "data"
+
+
+def data_source(cfg: ExperimentConfig, key: str) -> tuple[str | None, str | None]:
+    """(upstream stage or None, path or None) for a data key."""
+    given = getattr(cfg.data, key)
+    if given is not None:
+        return None, given
+    if cfg.world.kind == "tiny" and key in _WORLD_DATA:
+        return "world", str(getattr(world_files(world_dir(cfg)), _WORLD_DATA[key]))
+    return None, None
+
+
+def data_path(cfg: ExperimentConfig, key: str, required: bool = True) -> str | None:
+    _, path = data_source(cfg, key)
+    if path is None and required:
+        raise TaxfreeError(f"{cfg.source}: data.{key}: required by this stage and not set")
+    return path
+
+
+def base_model_source(cfg: ExperimentConfig) -> tuple[str | None, str]:
+    if cfg.models.base is not None:
+        return None, cfg.models.base
+    return "pretrain", str(cfg.stage_dir("pretrain") / "model")
+
+
+def sft_model_source(cfg: ExperimentConfig) -> tuple[str | None, str]:
+    if cfg.models.sft is not None:
+        return None, cfg.models.sft
+    return "sft", str(cfg.stage_dir("sft") / "model")
+
+
+def tokenizer_source(cfg: ExperimentConfig) -> tuple[str | None, str]:
+    """The tokenizer every stage uses: explicit, else the world's, else the base/SFT model's own."""
+    if cfg.models.tokenizer is not None:
+        return None, cfg.models.tokenizer
+    if cfg.world.kind == "tiny":
+        return "world", str(world_files(world_dir(cfg)).tokenizer)
+    if cfg.models.sft is not None:
+        return None, cfg.models.sft
+    return base_model_source(cfg)

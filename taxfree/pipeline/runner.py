@@ -1,0 +1,175 @@
+"""Runs stages in order, skipping finished ones whose inputs and config are unchanged.
+
+A stage module provides:
+  inputs(cfg) -> {name: (upstream_stage | None, path)}   what it reads
+  section(cfg) -> dict                                   the config that shapes its result
+  run(ctx) -> dict                                       does the work, returns metrics
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from taxfree.errors import TaxfreeError
+from taxfree.pipeline import manifest as mf
+from taxfree.pipeline.config import IMPLEMENTED_STAGES, STAGE_ORDER, ExperimentConfig, looks_like_hub_id
+from taxfree.pipeline.schema import nearest
+
+
+def log(msg: str) -> None:
+    print(f"[taxfree] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageContext:
+    cfg: ExperimentConfig
+    name: str
+    dir: Path
+    key: str
+    run_id: str
+    resumed: bool
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.dir / "tb"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+
+def stage_module(name: str):
+    if name not in IMPLEMENTED_STAGES:
+        raise TaxfreeError(f"stage {name!r} is not available{nearest(name, IMPLEMENTED_STAGES)}")
+    return importlib.import_module(f"taxfree.stages.{name}")
+
+
+def _fingerprint(path: str) -> str:
+    if looks_like_hub_id(path):
+        return f"hub:{path}"
+    p = Path(path)
+    if p.is_dir():
+        return mf.hash_model_dir(p)
+    if p.is_file():
+        return mf.hash_file(p)
+    raise TaxfreeError(f"input not found: {path}")
+
+
+class Runner:
+    def __init__(self, cfg: ExperimentConfig, force: bool = False, argv: list[str] | None = None):
+        self.cfg = cfg
+        self.force = force
+        self.argv = argv or sys.argv
+        self._fresh: dict[str, str] = {}
+
+    # -- planning ---------------------------------------------------------------------------
+    def _upstream_run_id(self, stage: str, upstream: str, planned: list[str]) -> str:
+        if upstream in planned and upstream in self._fresh:
+            return self._fresh[upstream]
+        m = mf.read_manifest(self.cfg.stage_dir(upstream))
+        if m is None:
+            raise TaxfreeError(
+                f"{stage} needs the {upstream} stage, which has not finished: run `taxfree run {self.cfg.source} --stages {upstream}` first"
+            )
+        if m.get("key") != self.stage_key(upstream, planned):
+            raise TaxfreeError(
+                f"{stage} needs the {upstream} stage, whose result is out of date (config or inputs changed): "
+                f"run `taxfree run {self.cfg.source} --stages {upstream}` first"
+            )
+        return m["run_id"]
+
+    def stage_inputs(self, stage: str, planned: list[str]) -> dict:
+        module = stage_module(stage)
+        out = {}
+        for name, (upstream, path) in sorted(module.inputs(self.cfg).items()):
+            if upstream is not None:
+                out[name] = {"stage": upstream, "run_id": self._upstream_run_id(stage, upstream, planned)}
+            elif path is not None:
+                out[name] = {"path": path, "hash": _fingerprint(path)}
+        return out
+
+    def stage_key(self, stage: str, planned: list[str]) -> str:
+        module = stage_module(stage)
+        return mf.hash_obj({"stage": stage, "config": module.section(self.cfg), "inputs": self.stage_inputs(stage, planned)})
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, stages: list[str] | None = None) -> dict[str, dict]:
+        planned = list(stages) if stages is not None else self.cfg.enabled_stages()
+        for s in planned:
+            if s not in STAGE_ORDER:
+                raise TaxfreeError(f"unknown stage {s!r}{nearest(s, STAGE_ORDER)}")
+            stage_module(s)
+        planned = [s for s in STAGE_ORDER if s in planned]
+        self._fresh = {}
+        results = {}
+        for stage in planned:
+            results[stage] = self.run_stage(stage, planned)
+        return results
+
+    def run_stage(self, stage: str, planned: list[str]) -> dict:
+        module = stage_module(stage)
+        cfg = self.cfg
+        stage_dir = cfg.stage_dir(stage)
+        inputs = self.stage_inputs(stage, planned)
+        section = module.section(cfg)
+        key = mf.hash_obj({"stage": stage, "config": section, "inputs": inputs})
+        old = mf.read_manifest(stage_dir)
+        if old is not None and old.get("key") == key and not self.force:
+            log(f"{stage}: up to date ({stage_dir})")
+            self._fresh[stage] = old["run_id"]
+            return old
+        if old is not None:
+            why = "--force" if self.force else "config or inputs changed"
+            log(f"{stage}: re-running ({why}); the previous result in {stage_dir} is replaced")
+            (stage_dir / mf.MANIFEST).unlink()
+        started_path = stage_dir / mf.STARTED
+        resumed = False
+        if started_path.is_file() and not self.force:
+            try:
+                resumed = json.loads(started_path.read_text()).get("key") == key
+            except (OSError, json.JSONDecodeError):
+                resumed = False
+        if not resumed and stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if not resumed:
+            mf.atomic_write_json(started_path, {"key": key, "started_at": mf.now()})
+        run_id = mf.new_run_id()
+        ctx = StageContext(cfg=cfg, name=stage, dir=stage_dir, key=key, run_id=run_id, resumed=resumed)
+        log(f"{stage}: {'resuming' if resumed else 'running'} -> {stage_dir}")
+        started_at, t0 = mf.now(), time.time()
+        metrics = module.run(ctx) or {}
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "run_id": run_id,
+            "config_hash": mf.hash_obj(section),
+            "config": section,
+            "inputs": inputs,
+            "seed": cfg.seed,
+            "experiment": cfg.to_dict(),
+            "versions": mf.package_versions(),
+            "command": list(self.argv),
+            "cwd": os.getcwd(),
+            "started_at": started_at,
+            "finished_at": mf.now(),
+            "duration_s": round(time.time() - t0, 3),
+            "metrics": metrics,
+        }
+        mf.write_manifest(stage_dir, manifest)
+        started_path.unlink(missing_ok=True)
+        self._fresh[stage] = run_id
+        log(f"{stage}: done in {manifest['duration_s']:.1f}s; " + _summary(metrics))
+        return manifest
+
+
+def _summary(metrics: dict) -> str:
+    items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float))]
+    return ", ".join(items[:8])

@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each turns its config section into library calls."""

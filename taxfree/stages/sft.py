@@ -1,0 +1,113 @@
+"""`sft`: supervised fine-tuning of the base model with TRL's SFTTrainer, loss on responses only.
+
+Records (`messages` or prompt/completion) become TRL's conversational prompt-completion format,
+so TRL masks the prompt; the held-out response loss is measured before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from taxfree.data.records import read_jsonl
+from taxfree.errors import TaxfreeError
+from taxfree.models.load import load_causal_lm, load_tokenizer
+from taxfree.pipeline.resolve import base_model_source, data_source, tokenizer_source
+from taxfree.stages.common import (
+    build_stage_optimizer,
+    last_checkpoint,
+    save_model,
+    tensorboard_callback,
+    trainer_kwargs,
+)
+
+
+def inputs(cfg) -> dict:
+    out = {
+        "base": base_model_source(cfg),
+        "tokenizer": tokenizer_source(cfg),
+        "train": data_source(cfg, "sft_train"),
+        "eval": data_source(cfg, "sft_eval"),
+    }
+    for key in ("ref", "base"):
+        value = getattr(cfg.sft.optimizer, key)
+        if value is not None and cfg.sft.optimizer.name != "adamw":
+            out[f"optimizer_{key}"] = (None, value)
+    return out
+
+
+def section(cfg) -> dict:
+    return {"sft": dataclasses.asdict(cfg.sft), "seed": cfg.seed, "trust_remote_code": cfg.models.trust_remote_code}
+
+
+def to_prompt_completion(record: dict) -> dict:
+    """TRL's conversational prompt/completion: every message but the last is the prompt."""
+    if "messages" in record:
+        msgs = record["messages"]
+        return {"prompt": msgs[:-1], "completion": msgs[-1:]}
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) != isinstance(completion, str):
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            completion = [{"role": "assistant", "content": completion}]
+    return {"prompt": prompt, "completion": completion}
+
+
+def load_sft_dataset(path: str):
+    from datasets import Dataset
+
+    records = [to_prompt_completion(r) for r in read_jsonl(path, "sft")]
+    return Dataset.from_list(records)
+
+
+def run(ctx) -> dict:
+    from trl import SFTConfig, SFTTrainer
+
+    cfg, sec = ctx.cfg, ctx.cfg.sft
+    trust = cfg.models.trust_remote_code
+    _, base_path = base_model_source(cfg)
+    _, tok_path = tokenizer_source(cfg)
+    _, train_path = data_source(cfg, "sft_train")
+    _, eval_path = data_source(cfg, "sft_eval")
+    if train_path is None:
+        raise TaxfreeError(f"{cfg.source}: data.sft_train: required by the sft stage")
+    tokenizer = load_tokenizer(tok_path, trust_remote_code=trust)
+    train = load_sft_dataset(train_path)
+    evald = load_sft_dataset(eval_path) if eval_path else None
+    model = load_causal_lm(base_path, trust_remote_code=trust)
+
+    opt = sec.optimizer
+    # In SFT there is no run-given SFT/base pair: tau comes from optimizer.ref/base (validated).
+    optimizer = build_stage_optimizer(model, sec, ref=opt.ref, base=opt.base, seed=cfg.seed)
+
+    args = SFTConfig(
+        **trainer_kwargs(sec, ctx.dir, cfg.seed),
+        max_length=sec.max_length,
+        completion_only_loss=sec.completion_only_loss,
+        packing=False,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evald,
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+        callbacks=[tensorboard_callback(ctx.dir)],
+    )
+    metrics = {}
+    if evald is not None:
+        metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="eval_before")["eval_before_loss"]
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.dir))
+    if evald is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    save_model(trainer.model, tokenizer, ctx.dir / "model")
+    metrics.update(
+        train_loss=result.training_loss,
+        steps=result.global_step,
+        train_examples=len(train),
+        eval_examples=len(evald) if evald is not None else 0,
+        optimizer=opt.name,
+    )
+    return metrics
