@@ -11,7 +11,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 STAGES := pretrain sft rm sample align merge ama evaluate report
 
-.PHONY: venv test test-fast demo run validate bench data clean-venv $(STAGES)
+.PHONY: venv test test-fast demo run validate bench data opencompass-env clean-venv $(STAGES)
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,17 @@ $(STAGES): venv
 bench: venv
 	$(OFFLINE) $(PY) bench/optimizer_step.py
 	$(OFFLINE) $(PY) bench/merge.py
+
+# OpenCompass in its own environment, driven as a subprocess by the evaluate stage.
+OC_VENV ?= .opencompass-venv
+opencompass-env: $(OC_VENV)/.installed
+
+$(OC_VENV)/.installed: requirements/opencompass.txt requirements/constraints.txt
+	test -x $(OC_VENV)/bin/python || $(PYTHON) -m venv $(OC_VENV)
+	$(OC_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OC_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OC_VENV)/bin/python -m pip install --quiet -r requirements/opencompass.txt
+	touch $@
 
 # Downloads need the network (not offline): make data DATASET=hh_rlhf
 data: venv

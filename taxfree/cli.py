@@ -20,7 +20,7 @@ STAGE_HELP = {
     "merge": "post-hoc averaging of SFT and aligned models",
     "ama": "adaptive model averaging",
     "evaluate": "reward, PairRM and benchmarks for every model",
-    "report": "results table and reward-vs-tax plot",
+    "report": "results table and reward-vs-tax plot (CONFIG, or a run directory: taxfree report RUN_DIR)",
 }
 
 
@@ -82,6 +82,18 @@ def _parse_stages(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _report_run_dir(args) -> int:
+    """`taxfree report RUN_DIR`: a directory is a finished run, not a config; no stage runs."""
+    from taxfree.eval.report import write_report
+
+    if args.overrides:
+        raise TaxfreeError("report RUN_DIR: --set applies to a config, not to a run directory")
+    paths = write_report(args.config)
+    for p in paths.values():
+        print(p)
+    return 0
+
+
 def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -97,6 +109,9 @@ def _main(argv: list[str]) -> int:
         from taxfree.data.cli import run_data
 
         return run_data(args) or 0
+
+    if args.command == "report" and os.path.isdir(args.config):
+        return _report_run_dir(args)
 
     from taxfree.pipeline.config import load_config
 

@@ -139,6 +139,145 @@ class SFTStageConfig(TrainConfig):
 
 
 @dataclass
+class RMStageConfig(TrainConfig):
+    """Reward model on preference pairs with TRL's RewardTrainer (Bradley-Terry)."""
+
+    # null = the run's SFT model with a fresh scalar head; or any model directory / hub id that
+    # loads as a sequence classifier (a different encoder, e.g. DeBERTa or MiniLM).
+    backbone: str | None = None
+    epochs: float = 1.0
+    lr: float = 1e-5
+    batch_size: int = 8
+    max_length: int = 1024
+    center_rewards_coefficient: float | None = None
+
+
+@dataclass
+class SampleStageConfig:
+    """K completions per training prompt from a policy, scored by the reward model."""
+
+    policy: str | None = None  # null = the run's SFT model
+    prompts: Literal["pref_train", "sft_train"] = "pref_train"
+    num_completions: int = 4
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_prompts: int | None = None
+    batch_size: int = 16
+    score_batch_size: int = 16
+    chunk_size: int = 64
+
+    def check(self):
+        _require(self.num_completions >= 2, "num_completions", "must be >= 2")
+        _require(self.temperature > 0, "temperature", "must be > 0 (sampling)")
+        _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _require(self.batch_size >= 1 and self.score_batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        _require(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")
+
+
+ALIGN_METHODS = ["dpo", "ipo", "hinge", "exo-pair", "kto", "kto-pair", "exo-pref", "exo-rw", "dpo-rw", "dpo-pref"]
+OPTIMIZER_NAMES = ["adamw", "ondare", "onties"]
+
+
+@dataclass
+class AlignStageConfig(TrainConfig):
+    """Preference alignment: every method x optimizer listed is one variant, one model."""
+
+    methods: list[str] = field(default_factory=lambda: ["dpo"])
+    optimizers: list[str] = field(default_factory=lambda: ["adamw"])
+    epochs: float = 1.0
+    lr: float = 1e-6
+    warmup_ratio: float = 0.1
+    batch_size: int = 8
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    beta: float = 0.1  # dpo, ipo, hinge, kto, kto-pair, exo-pair
+    label_smoothing: float = 0.0  # dpo (conservative DPO)
+    beta_pi: float = 0.1  # EXO / DPO-rw policy temperature
+    beta_r: float = 0.1  # EXO / DPO-rw reward temperature
+    pref_eps: float = 4.54e-5  # exo-pref / exo-pair label smoothing
+    temperature: float = 1.0  # logit temperature of the K-way methods
+    num_completions: int | None = None  # K for exo-rw / dpo-rw; null = all sampled
+    precompute_ref_log_probs: bool = False
+
+    def check(self):
+        super().check()
+        _require(len(self.methods) >= 1, "methods", "list at least one method")
+        for m in self.methods:
+            _require(m in ALIGN_METHODS, "methods", f"unknown method {m!r}{nearest(m, ALIGN_METHODS)}")
+        _require(len(set(self.methods)) == len(self.methods), "methods", "a method is listed twice")
+        _require(len(self.optimizers) >= 1, "optimizers", "list at least one optimizer")
+        for o in self.optimizers:
+            _require(o in OPTIMIZER_NAMES, "optimizers", f"unknown optimizer {o!r}{nearest(o, OPTIMIZER_NAMES)}")
+        _require(len(set(self.optimizers)) == len(self.optimizers), "optimizers", "an optimizer is listed twice")
+        for k in ("beta", "beta_pi", "beta_r"):
+            _require(getattr(self, k) > 0, k, "must be > 0")
+        _require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        _require(0 < self.pref_eps < 0.5, "pref_eps", "must be in (0, 0.5)")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(self.max_prompt_length < self.max_length, "max_prompt_length", "must be < max_length")
+        _require(self.num_completions is None or self.num_completions >= 2, "num_completions", "must be >= 2")
+
+
+@dataclass
+class EvaluateStageConfig:
+    """Reward and alignment tax of every model the run made (ALGORITHMS.md 5).
+
+    Reward: mean reward-model score of each model's responses to the held-out prompts
+    (greedy unless `do_sample`). Tax: drop of the benchmark average relative to the SFT model.
+    """
+
+    # null = every model the run produced (sft, align/<variant>, merge/<point>, ama); or a list
+    # of those ids. The SFT model is always evaluated: it is the baseline of the tax.
+    models: list[str] | None = None
+    max_prompts: int | None = None  # null = every held-out prompt
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0  # only with do_sample
+    top_p: float = 1.0  # only with do_sample
+    batch_size: int = 16  # generation
+    reward_model: str | None = None  # null = the run's rm stage model
+    reward_batch_size: int = 16
+    pairrm: str | None = None  # null = off; a PairRM-hf directory or hub id
+    pairrm_batch_size: int = 8
+    # lm-eval task names ("task" or "task:metric") or suite names (taxfree.eval.SUITES);
+    # null = the tiny world's local tasks (tiny_knowledge, tiny_arithmetic), none otherwise.
+    benchmarks: list[str] | None = None
+    limit: int | None = None  # items per benchmark; null = all
+    benchmark_batch_size: int = 16
+    opencompass: list[str] = field(default_factory=list)  # OpenCompass datasets (math401, ds1000)
+    opencompass_data_dir: str | None = None
+    # HumanEval / MBPP run model-written code: only in a sandbox, and only when asked.
+    allow_code_execution: bool = False
+
+    def check(self):
+        _require(self.models is None or len(self.models) >= 1, "models", "list at least one model (or null for all)")
+        _require(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        for k in ("batch_size", "reward_batch_size", "pairrm_batch_size", "benchmark_batch_size"):
+            _require(getattr(self, k) >= 1, k, "must be >= 1")
+        _require(self.limit is None or self.limit >= 1, "limit", "must be >= 1 (or null for every item)")
+        for b in self.benchmarks or []:
+            _require(bool(b.strip()) and b.count(":") <= 1, "benchmarks", f"{b!r}: expected 'task', 'task:metric' or a suite name")
+        _require(len(set(self.opencompass)) == len(self.opencompass), "opencompass", "a dataset is listed twice")
+
+
+@dataclass
+class ReportStageConfig:
+    """The results table and the reward-vs-tax plot of the run (report.md, results.json, pareto.png)."""
+
+    title: str | None = None  # null = "<name>: reward vs alignment tax"
+    dpi: int = 150
+
+    def check(self):
+        _require(30 <= self.dpi <= 600, "dpi", "must be in [30, 600]")
+
+
+@dataclass
 class TinyWorldConfig:
     """The offline tiny world (DESIGN.md "Worlds and presets"); see taxfree.data.tiny_world."""
 
@@ -200,6 +339,11 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    rm: RMStageConfig = field(default_factory=RMStageConfig)
+    sample: SampleStageConfig = field(default_factory=SampleStageConfig)
+    align: AlignStageConfig = field(default_factory=AlignStageConfig)
+    evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
+    report: ReportStageConfig = field(default_factory=ReportStageConfig)
 
     # Set by load_config, not by the YAML.
     source: str = field(default="<config>", repr=False)
@@ -226,8 +370,14 @@ class ExperimentConfig:
                 continue
             if s not in IMPLEMENTED_STAGES:
                 continue
+            if s == "sample" and not self.needs_samples():
+                continue
             out.append(s)
         return out
+
+    def needs_samples(self) -> bool:
+        """Reward-labelled samples feed exo-rw / dpo-rw (and AMA's collected data)."""
+        return any(m in ("exo-rw", "dpo-rw") for m in self.align.methods)
 
     def section(self, stage: str) -> dict:
         obj = getattr(self, stage, None)
@@ -245,7 +395,7 @@ class ExperimentConfig:
 
 
 # Stages whose code exists; the CLI offers exactly these.
-IMPLEMENTED_STAGES = ["world", "pretrain", "sft"]
+IMPLEMENTED_STAGES = ["world", "pretrain", "sft", "rm", "sample", "align", "evaluate", "report"]
 
 _NOT_SECTIONS = {"source", "base_dir"}
 
@@ -303,7 +453,10 @@ def _check_paths(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{src}: models.{key}: model directory not found: {value}")
         if key != "tokenizer" and not (p / "config.json").is_file():
             raise ConfigError(f"{src}: models.{key}: {value} has no config.json (not a Hugging Face model directory)")
-    for stage in ("pretrain", "sft"):
+    for key, value in (("rm.backbone", cfg.rm.backbone), ("sample.policy", cfg.sample.policy)):
+        if value is not None and not looks_like_hub_id(value) and not (Path(value) / "config.json").is_file():
+            raise ConfigError(f"{src}: {key}: model directory not found: {value}")
+    for stage in ("pretrain", "sft", "align"):
         opt = getattr(cfg, stage).optimizer
         for key in ("ref", "base"):
             value = getattr(opt, key)
@@ -332,6 +485,12 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
                 f"{src}: {stage}.optimizer.{missing}: {opt.name} in {stage} needs optimizer.ref and optimizer.base "
                 "(tau = ref - base); the run provides them only to the align stage"
             )
+    merging = [o for o in cfg.align.optimizers if o != "adamw"]
+    if merging and "align" in cfg.enabled_stages() and cfg.world.kind != "tiny" and cfg.models.base is None \
+            and cfg.align.optimizer.base is None:
+        raise ConfigError(
+            f"{src}: models.base: {merging[0]} needs the model SFT started from (tau = sft - base); set models.base"
+        )
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"{src}: name: must be a plain directory name, got {cfg.name!r}")
 

@@ -35,6 +35,8 @@ class StageContext:
     key: str
     run_id: str
     resumed: bool
+    inputs: dict
+    force: bool = False
 
     @property
     def tb_dir(self) -> Path:
@@ -136,13 +138,15 @@ class Runner:
                 resumed = json.loads(started_path.read_text()).get("key") == key
             except (OSError, json.JSONDecodeError):
                 resumed = False
-        if not resumed and stage_dir.exists():
+        # Stages made of variants (align, merge) keep finished variants; each has its own manifest.
+        if not resumed and stage_dir.exists() and not getattr(module, "KEEPS_VARIANTS", False):
             shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         if not resumed:
             mf.atomic_write_json(started_path, {"key": key, "started_at": mf.now()})
         run_id = mf.new_run_id()
-        ctx = StageContext(cfg=cfg, name=stage, dir=stage_dir, key=key, run_id=run_id, resumed=resumed)
+        ctx = StageContext(cfg=cfg, name=stage, dir=stage_dir, key=key, run_id=run_id, resumed=resumed,
+                           inputs=inputs, force=self.force)
         log(f"{stage}: {'resuming' if resumed else 'running'} -> {stage_dir}")
         started_at, t0 = mf.now(), time.time()
         metrics = module.run(ctx) or {}
@@ -173,3 +177,65 @@ class Runner:
 def _summary(metrics: dict) -> str:
     items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float))]
     return ", ".join(items[:8])
+
+
+def run_variants(ctx: StageContext, variants: dict[str, dict], fn, inputs_of=None) -> dict[str, dict]:
+    """Run each variant of a stage in `ctx.dir/<variant>/`, with its own manifest and key.
+
+    `fn(name, vdir, resumed) -> metrics`. A finished variant with the same key is skipped, so
+    adding a method to a config trains only that method. Variant directories that are no longer
+    configured are removed (said in the log). `inputs_of(name)` names the stage inputs a variant
+    reads (default: all), so a variant is not re-run for an input only its siblings use.
+    """
+    results = {}
+    for name, vconfig in variants.items():
+        vdir = ctx.dir / name
+        vinputs = ctx.inputs if inputs_of is None else {k: ctx.inputs[k] for k in inputs_of(name) if k in ctx.inputs}
+        key = mf.hash_obj({"stage": ctx.name, "variant": name, "config": vconfig, "inputs": vinputs})
+        old = mf.read_manifest(vdir)
+        if old is not None and old.get("key") == key and not ctx.force:
+            log(f"{ctx.name}/{name}: up to date")
+            results[name] = old
+            continue
+        if old is not None:
+            log(f"{ctx.name}/{name}: re-running ({'--force' if ctx.force else 'config or inputs changed'})")
+            (vdir / mf.MANIFEST).unlink()
+        started_path = vdir / mf.STARTED
+        resumed = False
+        if started_path.is_file() and not ctx.force:
+            try:
+                resumed = json.loads(started_path.read_text()).get("key") == key
+            except (OSError, json.JSONDecodeError):
+                resumed = False
+        if not resumed and vdir.exists():
+            shutil.rmtree(vdir)
+        vdir.mkdir(parents=True, exist_ok=True)
+        if not resumed:
+            mf.atomic_write_json(started_path, {"key": key, "started_at": mf.now()})
+        log(f"{ctx.name}/{name}: {'resuming' if resumed else 'running'} -> {vdir}")
+        started_at, t0 = mf.now(), time.time()
+        metrics = fn(name, vdir, resumed) or {}
+        manifest = {
+            "stage": ctx.name,
+            "variant": name,
+            "key": key,
+            "run_id": mf.new_run_id(),
+            "config_hash": mf.hash_obj(vconfig),
+            "config": vconfig,
+            "inputs": vinputs,
+            "seed": ctx.cfg.seed,
+            "versions": mf.package_versions(),
+            "started_at": started_at,
+            "finished_at": mf.now(),
+            "duration_s": round(time.time() - t0, 3),
+            "metrics": metrics,
+        }
+        mf.write_manifest(vdir, manifest)
+        started_path.unlink(missing_ok=True)
+        log(f"{ctx.name}/{name}: done in {manifest['duration_s']:.1f}s; " + _summary(metrics))
+        results[name] = manifest
+    for child in sorted(ctx.dir.iterdir()) if ctx.dir.is_dir() else []:
+        if child.is_dir() and child.name not in variants and (child / mf.MANIFEST).is_file():
+            log(f"{ctx.name}/{child.name}: no longer in the config, removed")
+            shutil.rmtree(child)
+    return results

@@ -1,0 +1,145 @@
+"""Score (prompt, response) pairs with a sequence-classification reward model.
+
+The reward axis of the reward-vs-tax plot is the mean reward-model score of each model's
+responses, so scoring must (1) format a pair the way the reward model saw it in training and
+(2) give a sequence the same score whatever else is in its batch.
+
+(1) Formatting follows TRL's RewardTrainer, which trains the project's reward models: a
+message-list prompt is rendered with the tokenizer's chat template, the response appended as
+an assistant turn; a string prompt is `prompt + response`, with the EOS token appended when the
+response does not already end with it.
+
+(2) Decoder reward models (`LlamaForSequenceClassification` and friends) put a score on every
+token and read the one at the "last non-pad token", which transformers locates as the rightmost
+token whose id differs from `pad_token_id`. We read the per-token scores ourselves (a hook on
+the `score` head) at the position that rule gives on the sequence *alone*: its last real token
+(by the attention mask) that is not the pad id. So left and right padding, and tokenizers whose
+pad token is their EOS token, give the score of the unpadded sequence. Encoder reward models
+(BERT-like: a classifier on the first token) get right padding and their own pooled output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from taxfree.errors import TaxfreeError
+
+
+def _is_messages(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt)
+
+
+def format_reward_input_ids(tokenizer, prompt, response: str, append_eos: bool = True) -> list[int]:
+    """Token ids of one (prompt, response) pair, formatted as TRL's RewardTrainer does."""
+    if not isinstance(response, str):
+        raise TaxfreeError(f"reward scoring: a response must be a string, got {type(response).__name__}")
+    if _is_messages(prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise TaxfreeError(
+                "reward scoring: the prompt is a list of messages but the reward model's tokenizer has no chat template"
+            )
+        messages = list(prompt) + [{"role": "assistant", "content": response}]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        return list(ids)
+    if isinstance(prompt, str):
+        text = prompt + response
+        eos = tokenizer.eos_token
+        if append_eos and eos is not None and not text.endswith(eos):
+            text += eos
+        return list(tokenizer(text)["input_ids"])
+    raise TaxfreeError(f"reward scoring: a prompt must be a string or a list of messages, got {type(prompt).__name__}")
+
+
+def _score_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Per row: the last attended position whose id is not the pad id (else the last attended)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    real = attention_mask.bool()
+    last_real = torch.where(real, positions, -1).max(dim=1).values
+    if pad_token_id is None:
+        return last_real
+    not_pad = real & (input_ids != pad_token_id)
+    last_not_pad = torch.where(not_pad, positions, -1).max(dim=1).values
+    return torch.where(last_not_pad >= 0, last_not_pad, last_real)
+
+
+@torch.no_grad()
+def score_with_reward_model(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    responses: Sequence[str],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    append_eos: bool = True,
+    progress: bool = True,
+) -> list[float]:
+    """Reward-model score of each (prompt, response) pair, in order.
+
+    `model`: any `AutoModelForSequenceClassification` with `num_labels == 1`. `max_length`
+    keeps the last `max_length` tokens of a longer pair (the response matters most to a reward
+    model); None keeps everything.
+    """
+    from tqdm.auto import tqdm
+
+    if len(prompts) != len(responses):
+        raise TaxfreeError(f"reward scoring: {len(prompts)} prompts but {len(responses)} responses")
+    if batch_size < 1:
+        raise TaxfreeError(f"reward scoring: batch_size must be >= 1, got {batch_size}")
+    num_labels = getattr(model.config, "num_labels", None)
+    if num_labels != 1:
+        raise TaxfreeError(f"reward scoring: the reward model must have num_labels=1, this one has {num_labels}")
+    if not prompts:
+        return []
+
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_pad_id = getattr(text_config, "pad_token_id", None)
+    fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if fill_id is None:
+        fill_id = model_pad_id if model_pad_id is not None else 0
+    head = getattr(model, "score", None)
+    per_token = isinstance(head, torch.nn.Module)
+
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, _i, out: captured.append(out)) if per_token else None
+    # transformers refuses batches > 1 without a pad id; any id works since we pick positions.
+    restore_pad = per_token and model_pad_id is None
+    if restore_pad:
+        text_config.pad_token_id = fill_id
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for s in tqdm(starts, desc="reward scoring", disable=not progress, total=len(starts)):
+            rows = [
+                format_reward_input_ids(tokenizer, p, r, append_eos=append_eos)
+                for p, r in zip(prompts[s : s + batch_size], responses[s : s + batch_size])
+            ]
+            if max_length is not None:
+                rows = [r[-max_length:] for r in rows]
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), fill_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):  # right padding; positions are found from the mask
+                input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+                attention_mask[i, : len(r)] = 1
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            captured.clear()
+            out = model(input_ids=input_ids, attention_mask=attention_mask)
+            if per_token and captured and captured[-1].dim() == 3:
+                token_scores = captured[-1]  # [batch, seq, 1]
+                pos = _score_positions(input_ids, attention_mask, model_pad_id)
+                batch_scores = token_scores[torch.arange(len(rows), device=device), pos, 0]
+            else:
+                batch_scores = out.logits[:, 0]
+            scores.extend(batch_scores.float().cpu().tolist())
+    finally:
+        if hook is not None:
+            hook.remove()
+        if restore_pad:
+            text_config.pad_token_id = None
+        model.train(was_training)
+    return scores

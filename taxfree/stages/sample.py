@@ -1,0 +1,174 @@
+"""`sample`: K completions per training prompt from a policy, each scored by the reward model.
+
+Writes `rw.jsonl` (EXO's reward-labelled format: what exo-rw and dpo-rw train on) and
+`collected.jsonl` (the best-of-K completion per prompt as SFT records: AMA's "collected" data).
+Work is done in chunks of prompts, each written atomically with its own seed, so a killed run
+continues at the first missing chunk and nothing is sampled twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from taxfree.atomic import atomic_write_text
+from taxfree.data.records import completion_text, read_jsonl, write_jsonl
+from taxfree.data.tiny_world import gold_reward
+from taxfree.errors import TaxfreeError
+from taxfree.models.load import load_causal_lm, load_tokenizer
+from taxfree.pipeline.resolve import data_source, sft_model_source, tokenizer_source
+from taxfree.pipeline.runner import log
+
+_KINDS = {"pref_train": "pref", "sft_train": "sft"}
+
+
+def policy_source(cfg):
+    if cfg.sample.policy is not None:
+        return None, cfg.sample.policy
+    return sft_model_source(cfg)
+
+
+def inputs(cfg) -> dict:
+    return {
+        "policy": policy_source(cfg),
+        "reward_model": ("rm", str(cfg.stage_dir("rm") / "model")),
+        "prompts": data_source(cfg, cfg.sample.prompts),
+        "tokenizer": tokenizer_source(cfg),
+    }
+
+
+def section(cfg) -> dict:
+    return {"sample": dataclasses.asdict(cfg.sample), "seed": cfg.seed}
+
+
+def unique_prompts(records: list[dict]) -> list:
+    """Prompts in first-seen order, each once (preference data repeats prompts)."""
+    seen, out = set(), []
+    for r in records:
+        p = r["prompt"] if "prompt" in r else r["messages"][:-1]
+        key = json.dumps(p, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise TaxfreeError("sample: the prompts are chat messages but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"sample-{seed}-{index}".encode()).digest()[:4], "little")
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, k: int, temperature: float, top_p: float, max_new_tokens: int,
+             batch_size: int, seed: int) -> list[list[str]]:
+    """K sampled completions per prompt; batched, left-padded, deterministic for `seed`."""
+    tokenizer.padding_side = "left"
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    expanded = [t for t in texts for _ in range(k)]
+    outs: list[str] = []
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(0, len(expanded), batch_size):
+        batch = expanded[i : i + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return [[c.strip() for c in outs[j * k : (j + 1) * k]] for j in range(len(prompts))]
+
+
+def run(ctx) -> dict:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForSequenceClassification
+
+    from taxfree.eval.reward import score_with_reward_model
+
+    cfg, sec = ctx.cfg, ctx.cfg.sample
+    trust = cfg.models.trust_remote_code
+    _, policy_path = policy_source(cfg)
+    _, tok_path = tokenizer_source(cfg)
+    _, prompts_path = data_source(cfg, sec.prompts)
+    if prompts_path is None:
+        raise TaxfreeError(f"{cfg.source}: data.{sec.prompts}: required by the sample stage")
+    prompts = unique_prompts(read_jsonl(prompts_path, _KINDS[sec.prompts]))
+    if sec.max_prompts is not None:
+        prompts = prompts[: sec.max_prompts]
+    if not prompts:
+        raise TaxfreeError(f"{prompts_path}: no prompts to sample from")
+
+    tokenizer = load_tokenizer(tok_path, trust_remote_code=trust)
+    policy = load_causal_lm(policy_path, trust_remote_code=trust).eval()
+    rm_dir = cfg.stage_dir("rm") / "model"
+    rm_tok = load_tokenizer(str(rm_dir), trust_remote_code=trust)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), trust_remote_code=trust).eval()
+
+    chunk_dir = ctx.dir / "chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    n_chunks = (len(prompts) + sec.chunk_size - 1) // sec.chunk_size
+    done = sum((chunk_dir / f"{i:05d}.jsonl").is_file() for i in range(n_chunks))
+    if done:
+        log(f"sample: {done}/{n_chunks} chunks already done, continuing")
+    bar = tqdm(total=len(prompts), desc="sample", unit="prompt", initial=min(done * sec.chunk_size, len(prompts)))
+    for i in range(n_chunks):
+        path = chunk_dir / f"{i:05d}.jsonl"
+        if path.is_file():
+            continue
+        chunk = prompts[i * sec.chunk_size : (i + 1) * sec.chunk_size]
+        completions = generate(policy, tokenizer, chunk, sec.num_completions, sec.temperature, sec.top_p,
+                               sec.max_new_tokens, sec.batch_size, chunk_seed(cfg.seed, i))
+        flat_prompts = [p for p in chunk for _ in range(sec.num_completions)]
+        flat = [c for cs in completions for c in cs]
+        scores = score_with_reward_model(reward_model, rm_tok, flat_prompts, flat, batch_size=sec.score_batch_size,
+                                         progress=False)
+        lines = []
+        for j, p in enumerate(chunk):
+            rs = scores[j * sec.num_completions : (j + 1) * sec.num_completions]
+            # Chat prompts get chat completions (one format per record, as TRL expects).
+            cs = completions[j] if isinstance(p, str) else [[{"role": "assistant", "content": c}] for c in completions[j]]
+            lines.append(json.dumps({"prompt": p, "completions": cs, "rewards": rs}, ensure_ascii=False))
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        bar.update(len(chunk))
+    bar.close()
+
+    records = []
+    for i in range(n_chunks):
+        records.extend(read_jsonl(chunk_dir / f"{i:05d}.jsonl", "rw"))
+    collected = []
+    for r in records:
+        best = max(range(len(r["rewards"])), key=r["rewards"].__getitem__)
+        prompt = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+        text = completion_text(r["completions"][best])
+        collected.append({"messages": prompt + [{"role": "assistant", "content": text}],
+                          "reward": r["rewards"][best]})
+    write_jsonl(ctx.dir / "rw.jsonl", records, kind="rw")
+    write_jsonl(ctx.dir / "collected.jsonl", collected, kind="sft")
+    all_rewards = [x for r in records for x in r["rewards"]]
+    metrics = {
+        "prompts": len(records),
+        "num_completions": sec.num_completions,
+        "mean_reward": sum(all_rewards) / len(all_rewards),
+        "mean_best_reward": sum(c["reward"] for c in collected) / len(collected),
+    }
+    if cfg.world.kind == "tiny":  # the tiny world can say how good the samples really are
+        metrics["mean_gold_reward"] = sum(gold_reward(completion_text(c)) for r in records for c in r["completions"]) / len(all_rewards)
+        metrics["mean_best_gold_reward"] = sum(gold_reward(c["messages"][-1]["content"]) for c in collected) / len(collected)
+    return metrics

@@ -1,0 +1,164 @@
+"""rm, sample and align stages on the tiny world: what each produces, checked."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_EXPERIMENT, write_config
+from taxfree.data.records import completion_text, read_jsonl
+from taxfree.data.tiny_world import gold_reward
+from taxfree.pipeline.config import load_config
+from taxfree.pipeline.manifest import MANIFEST, read_manifest
+from taxfree.pipeline.runner import Runner
+
+pytestmark = pytest.mark.slow
+
+
+def _experiment(tmp_path, **sections):
+    data = copy.deepcopy(TINY_EXPERIMENT)
+    data["run_dir"] = str(tmp_path / "runs")
+    data["world"]["tiny"].update(pref_pairs=256, eval_prompts=24, sft_examples=256)
+    # Enough pretraining and SFT that greedy answers are sentences whose style DPO can change.
+    data["pretrain"].update(epochs=12, lr=8e-3)
+    data["pretrain"]["model"].update(hidden_size=64, num_heads=4, intermediate_size=128)
+    data["sft"].update(epochs=3, lr=3e-3, max_length=64)
+    data["rm"] = {"epochs": 3, "lr": 3e-3, "batch_size": 16, "max_length": 128, "save_steps": 1000, "logging_steps": 5}
+    data["sample"] = {"num_completions": 4, "max_new_tokens": 24, "max_prompts": 84, "chunk_size": 28, "batch_size": 16}
+    data["align"] = {"methods": ["dpo"], "optimizers": ["adamw"], "epochs": 1, "lr": 2e-3, "batch_size": 16,
+                     "max_length": 128, "max_prompt_length": 48, "save_steps": 1000, "logging_steps": 5, "beta": 0.1,
+                     "beta_pi": 0.5, "beta_r": 0.5}
+    for k, v in sections.items():
+        data[k].update(v)
+    return write_config(tmp_path, data)
+
+
+@pytest.fixture(scope="module")
+def upto_rm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("align")
+    path = _experiment(tmp)
+    Runner(load_config(path)).run(["world", "pretrain", "sft", "rm"])
+    return tmp, path, tmp / "runs" / "t"
+
+
+def test_rm_is_well_above_chance(upto_rm):
+    _, _, root = upto_rm
+    m = read_manifest(root / "rm")["metrics"]
+    assert m["eval_pairs"] == 64
+    assert m["eval_pairwise_accuracy"] >= 0.7, m
+    assert m["eval_pairwise_accuracy"] > m["eval_pairwise_accuracy_before"] + 0.1
+
+
+def test_sample_scores_and_resumes_without_resampling(upto_rm):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from taxfree.eval.reward import score_with_reward_model
+
+    tmp, path, root = upto_rm
+    cfg = load_config(path)
+    Runner(cfg).run(["sample"])
+    rw = read_jsonl(root / "sample" / "rw.jsonl", "rw")
+    assert len(rw) == 84 and all(len(r["completions"]) == 4 for r in rw)
+    # The stored rewards are the reward model's scores of those completions.
+    rm = AutoModelForSequenceClassification.from_pretrained(str(root / "rm" / "model")).eval()
+    tok = AutoTokenizer.from_pretrained(str(root / "rm" / "model"))
+    r0 = rw[0]
+    again = score_with_reward_model(rm, tok, [r0["prompt"]] * 4, [completion_text(c) for c in r0["completions"]], progress=False)
+    assert again == pytest.approx(r0["rewards"], abs=1e-4)
+    # Collected = best-of-K by reward.
+    collected = read_jsonl(root / "sample" / "collected.jsonl", "sft")
+    for r, c in zip(rw, collected):
+        best = max(range(4), key=r["rewards"].__getitem__)
+        assert c["messages"][-1]["content"] == completion_text(r["completions"][best])
+
+    # Kill-and-resume: manifest gone and the last chunk lost; earlier chunks are not sampled again.
+    chunks = sorted((root / "sample" / "chunks").iterdir())
+    assert len(chunks) == 3
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in chunks}
+    key = read_manifest(root / "sample")["key"]
+    (root / "sample" / MANIFEST).unlink()
+    (root / "sample" / ".started.json").write_text(json.dumps({"key": key}))
+    chunks[-1].unlink()
+    Runner(load_config(path)).run(["sample"])
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((root / "sample" / "chunks").iterdir())}
+    assert after[chunks[0].name] == before[chunks[0].name]
+    assert after[chunks[1].name] == before[chunks[1].name]
+    assert after[chunks[-1].name][1] == before[chunks[-1].name][1]  # same seed per chunk: same samples
+    assert read_jsonl(root / "sample" / "rw.jsonl", "rw") == rw
+
+
+def _mean_gold(model_dir, prompts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+    responses = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(gold_reward(r) for r in responses) / len(responses)
+
+
+def test_dpo_raises_gold_reward_and_variants_are_kept(upto_rm):
+    tmp, path, root = upto_rm
+    cfg = load_config(path, ["align.methods=[dpo, exo-rw]", "align.epochs=3"])
+    Runner(cfg).run(["sample", "align"])
+    prompts = [r["prompt"] for r in read_jsonl(root / "world" / "data" / "eval_prompts.jsonl")]
+    gold = {v: _mean_gold(root / v / "model", prompts) for v in ("sft", "align/dpo-adamw", "align/exo-rw-adamw")}
+    for variant in ("dpo-adamw", "exo-rw-adamw"):
+        m = read_manifest(root / "align" / variant)
+        assert m["variant"] == variant
+        metrics = m["metrics"]
+        assert metrics["train_loss"] > 0 and "eval_rewards/accuracies" in metrics
+    # DPO learns the labellers' taste. (exo-rw trains on the tiny SFT model's own samples, which
+    # at this scale are too poor to move the greedy answers: see the issue note.)
+    assert gold["align/dpo-adamw"] >= gold["sft"] + 0.15, gold
+    assert "eval_logratio/chosen" in read_manifest(root / "align" / "dpo-adamw")["metrics"]
+    assert "eval_logratios/mean" in read_manifest(root / "align" / "exo-rw-adamw")["metrics"]
+    # Adding a method trains only that one; dropping one removes its directory.
+    first = read_manifest(root / "align" / "dpo-adamw")["run_id"]
+    Runner(load_config(path, ["align.methods=[dpo, ipo]", "align.epochs=3"])).run(["align"])
+    assert read_manifest(root / "align" / "dpo-adamw")["run_id"] == first
+    assert (root / "align" / "ipo-adamw" / "model" / "config.json").is_file()
+    assert not (root / "align" / "exo-rw-adamw").exists()
+
+
+def test_every_method_trains(upto_rm):
+    tmp, path, root = upto_rm
+    methods = ["hinge", "exo-pair", "kto", "kto-pair", "exo-pref", "dpo-pref", "dpo-rw"]
+    cfg = load_config(path, [f"align.methods=[{', '.join(methods)}]", "align.max_steps=3"])
+    Runner(cfg).run(["sample", "align"])
+    for m in methods:
+        man = read_manifest(root / "align" / f"{m}-adamw")
+        assert man["metrics"]["steps"] == 3, m
+        assert man["metrics"]["train_loss"] == man["metrics"]["train_loss"], m  # not NaN
+        assert (root / "align" / f"{m}-adamw" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("optimizer", ["ondare", "onties"])
+def test_online_merging_optimizers_in_the_align_stage(upto_rm, optimizer):
+    """tau = SFT - base comes from the run. OnDARE with q = 1 and no merge is AdamW, so the result
+    must equal the adamw variant's; OnTIES still elects signs against tau, so it must differ."""
+    tmp, path, root = upto_rm
+    sets = ["align.methods=[dpo]", "align.max_steps=4", "align.optimizer.reserve_p=1.0", "align.optimizer.alpha=0.0",
+            "align.optimizer.use_merge=false", f"align.optimizers=[adamw, {optimizer}]"]
+    Runner(load_config(path, sets)).run(["align"])
+    from safetensors.torch import load_file
+
+    a = load_file(str(root / "align" / "dpo-adamw" / "model" / "model.safetensors"))
+    b = load_file(str(root / "align" / f"dpo-{optimizer}" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    same = all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert same == (optimizer == "ondare")
+    man = read_manifest(root / "align" / f"dpo-{optimizer}")
+    assert man["inputs"]["base"]["stage"] == "pretrain"
+    # And with merging on, the result differs (tau is used).
+    sets2 = sets[:-1] + ["align.optimizer.reserve_p=0.5", "align.optimizer.alpha=0.5", "align.optimizer.use_merge=true",
+                         f"align.optimizers=[{optimizer}]"]
+    Runner(load_config(path, sets2)).run(["align"])
+    c = load_file(str(root / "align" / f"dpo-{optimizer}" / "model" / "model.safetensors"))
+    assert any(not torch.allclose(a[k], c[k], atol=1e-4) for k in a)
