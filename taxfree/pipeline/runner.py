@@ -132,18 +132,8 @@ class Runner:
             log(f"{stage}: re-running ({why}); the previous result in {stage_dir} is replaced")
             (stage_dir / mf.MANIFEST).unlink()
         started_path = stage_dir / mf.STARTED
-        resumed = False
-        if started_path.is_file() and not self.force:
-            try:
-                resumed = json.loads(started_path.read_text()).get("key") == key
-            except (OSError, json.JSONDecodeError):
-                resumed = False
         # Stages made of variants (align, merge) keep finished variants; each has its own manifest.
-        if not resumed and stage_dir.exists() and not getattr(module, "KEEPS_VARIANTS", False):
-            shutil.rmtree(stage_dir)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        if not resumed:
-            mf.atomic_write_json(started_path, {"key": key, "started_at": mf.now()})
+        resumed = _begin(stage_dir, key, self.force, wipe=not getattr(module, "KEEPS_VARIANTS", False))
         run_id = mf.new_run_id()
         ctx = StageContext(cfg=cfg, name=stage, dir=stage_dir, key=key, run_id=run_id, resumed=resumed,
                            inputs=inputs, force=self.force)
@@ -174,6 +164,24 @@ class Runner:
         return manifest
 
 
+def _begin(directory: Path, key: str, force: bool, wipe: bool) -> bool:
+    """Prepare a stage (or variant) directory; True when an interrupted run with the same key
+    is resumed in place, else the old contents are wiped (if `wipe`) and a new start recorded."""
+    started_path = directory / mf.STARTED
+    resumed = False
+    if started_path.is_file() and not force:
+        try:
+            resumed = json.loads(started_path.read_text()).get("key") == key
+        except (OSError, json.JSONDecodeError):
+            resumed = False
+    if not resumed and wipe and directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        mf.atomic_write_json(started_path, {"key": key, "started_at": mf.now()})
+    return resumed
+
+
 def _summary(metrics: dict) -> str:
     items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float))]
     return ", ".join(items[:8])
@@ -201,17 +209,7 @@ def run_variants(ctx: StageContext, variants: dict[str, dict], fn, inputs_of=Non
             log(f"{ctx.name}/{name}: re-running ({'--force' if ctx.force else 'config or inputs changed'})")
             (vdir / mf.MANIFEST).unlink()
         started_path = vdir / mf.STARTED
-        resumed = False
-        if started_path.is_file() and not ctx.force:
-            try:
-                resumed = json.loads(started_path.read_text()).get("key") == key
-            except (OSError, json.JSONDecodeError):
-                resumed = False
-        if not resumed and vdir.exists():
-            shutil.rmtree(vdir)
-        vdir.mkdir(parents=True, exist_ok=True)
-        if not resumed:
-            mf.atomic_write_json(started_path, {"key": key, "started_at": mf.now()})
+        resumed = _begin(vdir, key, ctx.force, wipe=True)
         log(f"{ctx.name}/{name}: {'resuming' if resumed else 'running'} -> {vdir}")
         started_at, t0 = mf.now(), time.time()
         metrics = fn(name, vdir, resumed) or {}
