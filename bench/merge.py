@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,17 +160,22 @@ def main() -> None:
         for rep in range(args.repeat):
             for method in methods[rep % len(methods):] + methods[: rep % len(methods)]:  # rotate the order
                 r = run_child(method, root / "a", root / "b", out_root / "out")
-                best = rows.setdefault(method, r)
+                best = rows.setdefault(method, {**r, "all": []})
+                best["all"].append(r["seconds"])
                 best["seconds"] = min(best["seconds"], r["seconds"])
                 best["peak_rss"] = max(best["peak_rss"], r["peak_rss"])
                 print(f"  rep {rep} {method}: {r['seconds']:.2f} s, peak RSS {r['peak_rss'] / 1e6:.0f} MB", flush=True)
-        copy_s = rows.get("copy", {}).get("seconds")
-        print("\n| method | time (s) | vs copy | peak RSS (MB) | RSS after imports (MB) | peak - imports (MB) |")
-        print("|---|---|---|---|---|---|")
+        for r in rows.values():
+            r["median"] = statistics.median(r["all"])
+        copy = rows.get("copy")
+        print("\n| method | best time (s) | vs copy | median time (s) | vs copy | peak RSS (MB) | RSS after imports (MB) "
+              "| peak - imports (MB) |")
+        print("|---|---|---|---|---|---|---|---|")
         for method, r in rows.items():
-            ratio = f"{r['seconds'] / copy_s:.2f}x" if copy_s else "-"
-            print(f"| {method} | {r['seconds']:.2f} | {ratio} | {r['peak_rss'] / 1e6:.0f} | {r['baseline_rss'] / 1e6:.0f} "
-                  f"| {(r['peak_rss'] - r['baseline_rss']) / 1e6:.0f} |")
+            best = f"{r['seconds'] / copy['seconds']:.2f}x" if copy else "-"
+            median = f"{r['median'] / copy['median']:.2f}x" if copy else "-"
+            print(f"| {method} | {r['seconds']:.2f} | {best} | {r['median']:.2f} | {median} | {r['peak_rss'] / 1e6:.0f} "
+                  f"| {r['baseline_rss'] / 1e6:.0f} | {(r['peak_rss'] - r['baseline_rss']) / 1e6:.0f} |")
     finally:
         if args.out_root and "out_root" in locals():
             shutil.rmtree(out_root, ignore_errors=True)

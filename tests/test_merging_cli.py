@@ -81,6 +81,8 @@ def test_mixed_dtypes_take_the_first_models_dtype(models, tmp_path):
     ("block-range", ["--sft", "{a}", "--aligned", "{b}", "--aligned-weight", "0.5", "--blocks", "0:-0.1"],
      "--blocks 0-0 weight = -0.1 is outside [0, 1]"),
     ("sum", ["--model", "{a}:0.5", "--model", "{b}:0.6"], "model weights sum to 1.1, not 1"),
+    ("model-range", ["--model", "{a}:1.5", "--model", "{b}:-0.5"], "weight of model 1 = 1.5 is outside [0, 1]"),
+    ("same-dir", ["--model", "{a}:0.5", "--model", "{b}:0.5", "--out", "{a}"], "output directory {a} is one of the inputs"),
     ("missing", ["--sft", "{a}", "--aligned", "{a}/nope", "--aligned-weight", "0.5"], "{a}/nope: no such checkpoint directory"),
     ("forms", ["--sft", "{a}", "--model", "{b}:1"], "--sft cannot be combined with --model"),
     ("blocks-beyond", ["--sft", "{a}", "--aligned", "{b}", "--aligned-weight", "0.5", "--blocks", "5-:0.1"],
@@ -89,7 +91,7 @@ def test_mixed_dtypes_take_the_first_models_dtype(models, tmp_path):
 def test_refusals_name_the_problem_and_write_nothing(models, tmp_path, capsys, case, argv, message):
     fmt = {k: str(v) for k, v in models.items()}
     out = tmp_path / "out"
-    rc = main([a.format(**fmt) for a in argv] + ["--out", str(out)])
+    rc = main([a.format(**fmt) for a in argv] + ([] if "--out" in argv else ["--out", str(out)]))
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("error: ") and message.format(**fmt) in err and err.count("\n") == 1
