@@ -16,11 +16,12 @@ STAGES := pretrain sft rm sample align merge ama evaluate report
 venv: $(VENV)/.installed
 
 # torch first (the CPU build on disk), then everything else under the same constraint.
+# DS_BUILD_OPS=0: deepspeed (an sdist) builds as pure Python, compiling none of its ops.
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
 test: venv
@@ -44,6 +45,8 @@ $(STAGES): venv
 bench: venv
 	$(OFFLINE) $(PY) bench/optimizer_step.py
 	$(OFFLINE) $(PY) bench/merge.py
+	$(OFFLINE) $(PY) bench/optimizer_deepspeed.py
+	$(OFFLINE) $(PY) bench/stage_overhead.py
 
 # OpenCompass in its own environment, driven as a subprocess by the evaluate stage.
 OC_VENV ?= .opencompass-venv
@@ -62,3 +65,18 @@ data: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Paper reproductions (GPUs, the hub, downloaded data): every preset of a paper, stage by stage
+# (training stages under accelerate), then each preset's report. ARGS go to taxfree (--force,
+# --set k=v); PRESETS, ACCELERATE_CONFIG, DRY_RUN=1: see scripts/lib_reproduce.sh.
+# The online merging benchmarks run model-written code: make reproduce-online-merging ALLOW_CODE_EXECUTION=1
+.PHONY: reproduce-online-merging reproduce-ama reproduce-exo
+
+reproduce-online-merging: venv opencompass-env
+	scripts/reproduce_online_merging.sh $(ARGS)
+
+reproduce-ama: venv
+	scripts/reproduce_ama.sh $(ARGS)
+
+reproduce-exo: venv
+	scripts/reproduce_exo.sh $(ARGS)

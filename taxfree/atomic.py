@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from taxfree.errors import TaxfreeError
+from taxfree.errors import TaxfreeError, disk_full_error, is_disk_full
 
 
 def _fsync_dir(path: Path) -> None:
@@ -31,18 +31,26 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """`path` holds all of `data` or is untouched; a full disk is a TaxfreeError, not a traceback."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(e, str(path)) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if is_disk_full(e):
+            raise disk_full_error(e, str(path)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -60,7 +68,8 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     """Yield a temporary directory that becomes `final` only if the block completes.
 
     An existing non-empty `final` is an error unless `overwrite`; then it is replaced only
-    after the new one is complete.
+    after the new one is complete. A full disk inside the block removes the temporary
+    directory and becomes a TaxfreeError naming `final`.
     """
     final = Path(final)
     if final.exists() and any(final.iterdir()) and not overwrite:
@@ -69,8 +78,10 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full_error(e, str(final)) from None
         raise
     if final.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".old-{final.name}.", dir=final.parent))

@@ -7,7 +7,7 @@ import os
 import sys
 
 from taxfree import __version__
-from taxfree.errors import TaxfreeError
+from taxfree.errors import TaxfreeError, disk_full_error, is_disk_full
 from taxfree.pipeline.config import IMPLEMENTED_STAGES, STAGE_ORDER
 
 STAGE_HELP = {
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if finished")
 
     for stage in STAGE_ORDER:
-        if stage not in IMPLEMENTED_STAGES:
+        if stage not in IMPLEMENTED_STAGES or stage in _OWN_COMMANDS:
             continue
         p = sub.add_parser(stage, help=STAGE_HELP[stage])
         _add_config_args(p)
@@ -63,8 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         add_merge_arguments = None
     if add_merge_arguments is not None:
-        p = sub.add_parser("merge", help="merge checkpoints (linear, partwise) with bounded memory")
-        add_merge_arguments(p)
+        p = sub.add_parser("merge", help="merge checkpoints (linear, partwise) with bounded memory; "
+                                         "`taxfree merge CONFIG` runs the config's merge stage")
+        p.add_argument("config", nargs="?", metavar="CONFIG",
+                       help="experiment YAML: run its merge stage instead of merging the directories given")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (with CONFIG)")
+        add_merge_arguments(p, out_required=False)
+        p.set_defaults(stage="merge")
 
     try:
         from taxfree.data.cli import add_data_subcommands
@@ -74,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("data", help="convert, validate and download data sets")
         add_data_subcommands(p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser))
     return parser
+
+
+# Stages whose name is also a standalone command; `taxfree <name> CONFIG` runs the stage.
+_OWN_COMMANDS = ("merge",)
 
 
 def _parse_stages(text: str | None) -> list[str] | None:
@@ -100,11 +110,18 @@ def _main(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "merge":
+    if args.command == "merge" and args.config is None:
         from taxfree.merging.cli import run_merge
 
+        if args.overrides:
+            raise TaxfreeError("merge: --set applies to a config (taxfree merge CONFIG --set ...)")
         run_merge(args)
         return 0
+    if args.command == "merge":
+        given = [o for o, v in (("--sft", args.sft), ("--aligned", args.aligned), ("--model", args.model),
+                                ("--out", args.out)) if v]
+        if given:
+            raise TaxfreeError(f"merge CONFIG runs the config's merge stage; {given[0]} belongs to the standalone form")
     if args.command == "data":
         from taxfree.data.cli import run_data
 
@@ -116,7 +133,14 @@ def _main(argv: list[str]) -> int:
     from taxfree.pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.models.trust_remote_code:
+        from taxfree.models.load import warn_trust_remote_code
+
+        warn_trust_remote_code(f"{args.config}: models.trust_remote_code")
     if args.command == "validate":
+        from taxfree.pipeline.preflight import check_stages
+
+        check_stages(cfg, cfg.enabled_stages(), skip_missing=True)  # opens data files and model directories
         stages = ", ".join(cfg.enabled_stages())
         print(f"ok: {args.config}: experiment {cfg.name!r}, stages {stages} -> {cfg.root}")
         return 0
@@ -133,12 +157,30 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def _close_progress_bars() -> None:
+    """A stage stopped mid-loop leaves its tqdm bar open, the cursor at the end of its line:
+    close it so the error starts a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # a bar in a bad state must not hide the error
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
     except TaxfreeError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        _close_progress_bars()
+        print(f"error: {disk_full_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -146,4 +188,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
+    """The `taxfree` script: like `python -m taxfree`, MPI ranks (mpirun) learn their place first."""
+    from taxfree.distributed import discover_mpi
+
+    try:
+        discover_mpi()
+    except TaxfreeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(main())

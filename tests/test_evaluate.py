@@ -17,17 +17,28 @@ def _model_dir(d):
     (d / "model" / "config.json").write_text("{}")
 
 
+def _given_model(d, tokenizer=False):
+    """A model directory that passes the runner's input checks (config, a safetensors header,
+    a tokenizer) without weights: the model work itself is replaced by `fake_eval`."""
+    from helpers_tokenizer import char_tokenizer
+
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model.safetensors").write_bytes(len(b"{}      ").to_bytes(8, "little") + b"{}      ")
+    if tokenizer:
+        char_tokenizer().save_pretrained(d)
+
+
 def _setup(tmp_path, **evaluate_section):
     """A non-tiny run whose SFT and reward models are given paths and whose align stage is hand-made."""
     sft = tmp_path / "sft_model"
-    sft.mkdir(parents=True)
-    (sft / "config.json").write_text("{}")
+    _given_model(sft, tokenizer=True)
     rm = tmp_path / "rm_model"
-    rm.mkdir()
-    (rm / "config.json").write_text("{}")
+    _given_model(rm)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
     data = {"name": "e", "run_dir": str(tmp_path / "runs"), "world": {"kind": "none"},
+            "stages": ["align", "evaluate", "report"],  # no merge / ama here: the model stages are hand-made
             "models": {"sft": str(sft)}, "data": {"eval_prompts": str(prompts)},
             "evaluate": {"reward_model": str(rm), "benchmarks": ["fake:acc"], **evaluate_section}}
     return write_config(tmp_path, data), tmp_path / "runs" / "e"
@@ -163,6 +174,7 @@ def test_evaluate_inputs_name_the_model_stages(tiny_experiment):
     ins = evaluate.inputs(cfg)
     assert ins["sft"][0] == "sft" and ins["align"][0] == "align" and ins["reward_model"][0] == "rm"
     assert ins["prompts"][0] == "world" and "pairrm" not in ins
+    assert "merge" not in ins and "ama" not in ins  # enabled, but read only once they have a result
     assert "evaluate" in cfg.enabled_stages() and "report" in cfg.enabled_stages()
     cfg = load_config(path, ["evaluate.pairrm=some/pairrm", "evaluate.reward_model=other/rm"])
     ins = evaluate.inputs(cfg)

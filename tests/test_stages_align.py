@@ -19,16 +19,22 @@ pytestmark = pytest.mark.slow
 def _experiment(tmp_path, **sections):
     data = copy.deepcopy(TINY_EXPERIMENT)
     data["run_dir"] = str(tmp_path / "runs")
-    data["world"]["tiny"].update(pref_pairs=256, eval_prompts=24, sft_examples=256)
-    # Enough pretraining and SFT that greedy answers are sentences whose style DPO can change.
+    # 1024 pairs: with fewer the reward model scores the SFT model's own samples barely better than
+    # chance against the gold reward (correlation ~0.05-0.2 at 256-512 pairs, ~0.45-0.6 at 1024),
+    # and exo-rw, which learns only from those scores, then learns the RM's quirks instead.
+    data["world"]["tiny"].update(pref_pairs=1024, eval_prompts=24, sft_examples=256)
+    # Enough pretraining and SFT that answers are sentences whose style alignment can change; six SFT
+    # epochs make the sampled answers clean enough (fewer misspelt words) for the RM to judge.
     data["pretrain"].update(epochs=12, lr=8e-3)
     data["pretrain"]["model"].update(hidden_size=64, num_heads=4, intermediate_size=128)
-    data["sft"].update(epochs=3, lr=3e-3, max_length=64)
-    data["rm"] = {"epochs": 3, "lr": 3e-3, "batch_size": 16, "max_length": 128, "save_steps": 1000, "logging_steps": 5}
-    data["sample"] = {"num_completions": 4, "max_new_tokens": 24, "max_prompts": 84, "chunk_size": 28, "batch_size": 16}
-    data["align"] = {"methods": ["dpo"], "optimizers": ["adamw"], "epochs": 1, "lr": 2e-3, "batch_size": 16,
+    data["sft"].update(epochs=6, lr=3e-3, max_length=64)
+    data["rm"] = {"epochs": 3, "lr": 3e-3, "batch_size": 32, "max_length": 128, "save_steps": 1000, "logging_steps": 5}
+    # 48 new tokens hold a whole answer (the longest SFT answer is ~47 tokens): the RM scores
+    # complete responses, as it was trained on, not cut-off ones.
+    data["sample"] = {"num_completions": 4, "max_new_tokens": 48, "max_prompts": 84, "chunk_size": 28, "batch_size": 16}
+    data["align"] = {"methods": ["dpo"], "optimizers": ["adamw"], "epochs": 1, "lr": 1e-3, "batch_size": 16,
                      "max_length": 128, "max_prompt_length": 48, "save_steps": 1000, "logging_steps": 5, "beta": 0.1,
-                     "beta_pi": 0.5, "beta_r": 0.5}
+                     "beta_pi": 0.5, "beta_r": 1.0}
     for k, v in sections.items():
         data[k].update(v)
     return write_config(tmp_path, data)
@@ -45,7 +51,7 @@ def upto_rm(tmp_path_factory):
 def test_rm_is_well_above_chance(upto_rm):
     _, _, root = upto_rm
     m = read_manifest(root / "rm")["metrics"]
-    assert m["eval_pairs"] == 64
+    assert m["eval_pairs"] == 102  # max(64, pref_pairs // 10) held-out pairs
     assert m["eval_pairwise_accuracy"] >= 0.7, m
     assert m["eval_pairwise_accuracy"] > m["eval_pairwise_accuracy_before"] + 0.1
 
@@ -89,6 +95,7 @@ def test_sample_scores_and_resumes_without_resampling(upto_rm):
 
 
 def _mean_gold(model_dir, prompts):
+    """Mean gold reward of greedy answers (as the evaluate stage makes them) to the held-out prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -97,31 +104,50 @@ def _mean_gold(model_dir, prompts):
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**enc, do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id,
+        out = model.generate(**enc, do_sample=False, max_new_tokens=48, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
     responses = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return sum(gold_reward(r) for r in responses) / len(responses)
 
 
-def test_dpo_raises_gold_reward_and_variants_are_kept(upto_rm):
+def _pearson(xs, ys):
+    xs, ys = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    xs, ys = xs - xs.mean(), ys - ys.mean()
+    return float((xs * ys).sum() / (xs.norm() * ys.norm()))
+
+
+# Both variants train for the same steps (DPO on the pairs, exo-rw on 84 prompts x 4 samples).
+ALIGN_STEPS = "align.max_steps=30"
+
+
+def test_dpo_and_exo_rw_raise_gold_reward_and_variants_are_kept(upto_rm):
     tmp, path, root = upto_rm
-    cfg = load_config(path, ["align.methods=[dpo, exo-rw]", "align.epochs=3"])
+    cfg = load_config(path, ["align.methods=[dpo, exo-rw]", ALIGN_STEPS])
     Runner(cfg).run(["sample", "align"])
+    # exo-rw learns only from the RM's scores of the SFT model's samples: they must track the gold
+    # reward (measured 0.46 here; 0.55 and 0.59 with seeds 1 and 2).
+    rw = read_jsonl(root / "sample" / "rw.jsonl", "rw")
+    rewards = [x for r in rw for x in r["rewards"]]
+    gold_of_samples = [gold_reward(completion_text(c)) for r in rw for c in r["completions"]]
+    assert _pearson(rewards, gold_of_samples) > 0.3
     prompts = [r["prompt"] for r in read_jsonl(root / "world" / "data" / "eval_prompts.jsonl")]
     gold = {v: _mean_gold(root / v / "model", prompts) for v in ("sft", "align/dpo-adamw", "align/exo-rw-adamw")}
     for variant in ("dpo-adamw", "exo-rw-adamw"):
         m = read_manifest(root / "align" / variant)
         assert m["variant"] == variant
         metrics = m["metrics"]
+        assert metrics["steps"] == 30
         assert metrics["train_loss"] > 0 and "eval_rewards/accuracies" in metrics
-    # DPO learns the labellers' taste. (exo-rw trains on the tiny SFT model's own samples, which
-    # at this scale are too poor to move the greedy answers: see the issue note.)
-    assert gold["align/dpo-adamw"] >= gold["sft"] + 0.15, gold
+    # Both learn the world's taste: DPO from the labelled pairs, exo-rw from the reward model's
+    # scores of its own samples (measured: sft -0.04, dpo 0.92, exo-rw 0.96; the gold reward of an
+    # answer is an integer, so +0.3 is a cheerful opener on a third of the prompts).
+    assert gold["align/dpo-adamw"] >= gold["sft"] + 0.3, gold
+    assert gold["align/exo-rw-adamw"] >= gold["sft"] + 0.3, gold
     assert "eval_logratio/chosen" in read_manifest(root / "align" / "dpo-adamw")["metrics"]
     assert "eval_logratios/mean" in read_manifest(root / "align" / "exo-rw-adamw")["metrics"]
     # Adding a method trains only that one; dropping one removes its directory.
     first = read_manifest(root / "align" / "dpo-adamw")["run_id"]
-    Runner(load_config(path, ["align.methods=[dpo, ipo]", "align.epochs=3"])).run(["align"])
+    Runner(load_config(path, ["align.methods=[dpo, ipo]", ALIGN_STEPS])).run(["align"])
     assert read_manifest(root / "align" / "dpo-adamw")["run_id"] == first
     assert (root / "align" / "ipo-adamw" / "model" / "config.json").is_file()
     assert not (root / "align" / "exo-rw-adamw").exists()

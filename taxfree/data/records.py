@@ -217,7 +217,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterable[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise TaxfreeError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                # "Unterminated string starting at" names where the string began: keep one "at".
+                msg = exc.msg.removesuffix(" at")
+                raise TaxfreeError(f"{path}:{lineno}: malformed JSON ({msg} at column {exc.colno})") from None
 
 
 def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict]:

@@ -159,8 +159,14 @@ def plot_pareto(report: dict, title: str, dpi: int = 150) -> bytes | None:
 
         for v in variants:
             aligned = [r for r in rows if r.get("kind") == "align" and _variant_of(r) == v]
-            merges = sorted((r for r in rows if r.get("kind") == "merge" and r.get("aligned") == v and r.get(key) is not None),
-                            key=lambda r: r.get("aligned_weight") or 0.0)
+            ours = [r for r in rows if r.get("kind") == "merge" and r.get("aligned") == v and r.get(key) is not None]
+            merges = sorted((r for r in ours if r.get("aligned_weight") is not None), key=lambda r: r["aligned_weight"])
+            for r in ours:  # partwise points: their own markers, off the sweep line
+                if r.get("aligned_weight") is None:
+                    ax.scatter(*xy(r), s=70, marker="s", color=colors[v], edgecolor="black", zorder=3,
+                               label=f"{v}: partwise merge")
+                    ax.annotate(r["id"].rsplit("/", 1)[-1].removeprefix(v + "-"), xy(r), textcoords="offset points",
+                                xytext=(6, -10), fontsize=7, color=colors[v])
             if merges:
                 sweep = [base] + merges + aligned
                 ax.plot([xy(r)[0] for r in sweep], [xy(r)[1] for r in sweep], "-", color=colors[v], alpha=0.7, lw=1.5,

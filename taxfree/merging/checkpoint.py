@@ -93,8 +93,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if len(raw_len) < 8:
                 raise TaxfreeError(f"{path}: not a safetensors file (too short)")
             header_len = int.from_bytes(raw_len, "little")
-            if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+            if header_len > _MAX_HEADER_BYTES:
                 raise TaxfreeError(f"{path}: not a safetensors file (bad header length {header_len})")
+            if 8 + header_len > size:
+                raise TaxfreeError(f"{path}: truncated or not a safetensors file (its header says {header_len} bytes, "
+                                   f"the file has {size})")
             header = json.loads(f.read(header_len))
     except OSError as e:
         raise TaxfreeError(f"{path}: cannot read: {e.strerror or e}") from None
@@ -115,7 +118,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise TaxfreeError(f"{path}: tensor {name!r}: unsupported or malformed entry {entry!r}") from None
         info = TensorInfo(name, dtype, shape, path, data_start + begin)
         if end - begin != info.nbytes or data_start + end > size:
-            raise TaxfreeError(f"{path}: tensor {name!r}: data offsets {begin}..{end} do not fit its shape or the file")
+            why = "the file is truncated" if data_start + end > size else "they do not fit its shape"
+            raise TaxfreeError(f"{path}: tensor {name!r}: data offsets {begin}..{end}: {why}")
         infos[name] = info
     return infos
 
@@ -138,6 +142,8 @@ class Checkpoint:
             raise TaxfreeError(f"{self.directory}: no config.json (not a Hugging Face checkpoint)") from None
         except (OSError, ValueError) as e:
             raise TaxfreeError(f"{config_path}: cannot read: {e}") from None
+        if not isinstance(self.config, dict):
+            raise TaxfreeError(f"{config_path}: expected a JSON object, got {type(self.config).__name__}")
         self.tensors: dict[str, TensorInfo] = self._read_tensor_infos()
         self._files: dict[Path, object] = {}
 

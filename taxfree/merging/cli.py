@@ -18,7 +18,9 @@ from taxfree.merging.merge import DEFAULT_MAX_SHARD_SIZE, merge_checkpoints
 from taxfree.merging.plan import PartwiseWeights, parse_blocks
 
 
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+def add_merge_arguments(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
+    """The standalone merge options; `out_required=False` when the parser also takes a CONFIG
+    (`taxfree merge CONFIG` runs the merge stage), and run_merge then asks for --out itself."""
     two = parser.add_argument_group("two models: theta = (1 - w) * sft + w * aligned")
     two.add_argument("--sft", metavar="DIR", help="SFT checkpoint directory (config, tokenizer copied from it)")
     two.add_argument("--aligned", metavar="DIR", help="aligned checkpoint directory")
@@ -33,7 +35,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     many.add_argument("--model", action="append", metavar="DIR:WEIGHT", default=None,
                       help="a checkpoint and its weight; repeat for every model (config copied from the first)")
     many.add_argument("--normalize", action="store_true", help="divide the --model weights by their sum")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    parser.add_argument("--out", required=out_required, metavar="DIR",
+                        help="output directory (must not exist or be empty)")
     parser.add_argument("--allow-extrapolation", action="store_true", help="allow weights outside [0, 1]")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
@@ -55,6 +58,8 @@ def run_merge(args: argparse.Namespace) -> dict:
     two_model = [o for o, v in (("--sft", args.sft), ("--aligned", args.aligned), ("--aligned-weight", args.aligned_weight),
                                 ("--blocks", args.blocks), ("--embed-weight", args.embed_weight),
                                 ("--head-weight", args.head_weight)) if v is not None]
+    if args.out is None:
+        raise TaxfreeError("merge: --out is required (or give a CONFIG to run its merge stage)")
     max_shard_size = parse_size(args.max_shard_size)
     common = dict(allow_extrapolation=args.allow_extrapolation, overwrite=args.force, max_shard_size=max_shard_size)
     if args.model:

@@ -31,13 +31,16 @@ def build_optimizer(
     ref: Any = None,
     base: Any = None,
     seed: int = 0,
+    defer_tau: bool = False,
     **extra: Any,
 ) -> torch.optim.Optimizer:
     """torch.optim.AdamW ("adamw") or an online merging AdamW ("ondare", "onties") over the
     model's trainable parameters. For the merging ones, ref (the SFT model the policy starts
     from) and base (the model SFT started from) are models, state dicts or safetensors
     checkpoint paths, and tau = ref - base is built here. The merging arguments are ignored
-    for "adamw". `extra` goes to the optimizer class (e.g. tau_dtype, weighted_election)."""
+    for "adamw". `extra` goes to the optimizer class (e.g. tau_dtype, weighted_election).
+    defer_tau: build tau at the first step, in the layout the parameters then have (under
+    DeepSpeed ZeRO: each rank only its partition's; see init_ref_param_diff)."""
     if name not in OPTIMIZER_NAMES:
         raise TaxfreeError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZER_NAMES)}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -72,5 +75,5 @@ def build_optimizer(
         seed=seed,
         **extra,
     )
-    optimizer.init_ref_param_diff(ref, base)
+    optimizer.init_ref_param_diff(ref, base, defer=defer_tau)
     return optimizer

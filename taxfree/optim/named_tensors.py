@@ -66,6 +66,11 @@ class NamedTensors:
             raise TaxfreeError(f"{self.description} has no tensor named {name!r}")
         if self._tensors is not None:
             tensor = self._tensors[key]
+            if hasattr(tensor, "ds_id") and tensor.numel() == 0:  # a placeholder of ZeRO-3
+                raise TaxfreeError(
+                    f"{self.description} is partitioned by DeepSpeed ZeRO-3 ({name!r} is empty "
+                    "here): pass its checkpoint path or a state dict"
+                )
         else:
             tensor = self._handle(self._files[key]).get_tensor(key)
         return _full(tensor.detach())

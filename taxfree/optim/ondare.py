@@ -4,6 +4,10 @@ ALGORITHMS.md 1.2 and 1.3. With reserve_p = q < 1 and no rescale, the kept posit
 as geometric gaps (about q*n random numbers) and D is computed at those positions only: the
 Adam moments still update everywhere, but no dense update tensor is formed, so a step costs
 less than AdamW's. A sparse tau adds only its q*n entries.
+
+Under DeepSpeed ZeRO a slot may be one rank's piece of a tensor: the mask is then drawn over the
+piece (a different, equally distributed mask than unsharded), and the rescale's two L1 norms
+are summed over the tensor's pieces on all ranks before they are used.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from torch import Tensor
 
 from taxfree.optim.adamw_math import adam_update_at, adam_updates, signed_at, update_magnitude
 from taxfree.optim.online_merging import MergeSlot, OnlineMergingAdamW, add_tau_, flat
+from taxfree.optim.sharded import FlatLayout, tensor_sums
 from taxfree.optim.sparsify import bernoulli_positions
 
 
@@ -42,10 +47,12 @@ class OnDAREAdamW(OnlineMergingAdamW):
         slots: list[MergeSlot],
         updates: list[Tensor] | None,
         generator: torch.Generator,
+        layout: FlatLayout | None = None,
     ) -> None:
         q, alpha = group["reserve_p"], group["alpha"]
         use_merge, rescale = group["use_merge"], group["rescale"]
         weight = 1.0 - alpha if use_merge else 1.0
+        across_ranks = layout is not None and layout.any_shared
         if q >= 1.0:
             if updates is None:
                 updates = adam_updates(
@@ -53,32 +60,51 @@ class OnDAREAdamW(OnlineMergingAdamW):
                     [s.coefficients for s in slots],
                 )
             if rescale:  # nothing dropped: |D_drop|_1 = |D|_1, only the clamp can bite
-                for d in updates:
-                    self._rescale_(d, torch.linalg.vector_norm(d, 1).item(), group)
-            if weight == 1.0:
-                torch._foreach_add_([s.param for s in slots], updates)
-            else:
-                torch._foreach_add_([s.param for s in slots], updates, alpha=weight)
+                norms = [torch.linalg.vector_norm(d, 1) for d in updates]
+                if across_ranks:
+                    local_sums = torch.stack(norms).double() if norms else torch.zeros(0)
+                    totals = self._sums(layout, slots, local_sums).squeeze(1).tolist()
+                    for d, total in zip(updates, totals):
+                        self._rescale_(d, total, total, group)
+                else:
+                    for d, norm in zip(updates, norms):
+                        self._rescale_(d, norm.item(), norm, group)
+            if slots:
+                if weight == 1.0:
+                    torch._foreach_add_([s.param for s in slots], updates)
+                else:
+                    torch._foreach_add_([s.param for s in slots], updates, alpha=weight)
         else:
-            self._apply_dropped_(group, slots, updates, generator, q, weight)
+            self._apply_dropped_(group, slots, updates, generator, q, weight, across_ranks, layout)
         if use_merge and alpha != 0.0:
             add_tau_(slots, alpha)
 
-    def _apply_dropped_(self, group, slots, updates, generator, q, weight) -> None:
+    @staticmethod
+    def _sums(layout: FlatLayout, slots: list[MergeSlot], local_sums: Tensor) -> Tensor:
+        """Per-slot partial sums (rows) summed over the slot's tensor on every rank."""
+        return tensor_sums(layout, [s.tensor for s in slots], local_sums)
+
+    def _apply_dropped_(
+        self, group, slots, updates, generator, q, weight, across_ranks=False, layout=None
+    ) -> None:
         """p += weight * dropout(D, keep=q) with one mask draw across the whole bucket."""
-        device = slots[0].param.device
-        sizes = [s.param.numel() for s in slots]
-        offsets = torch.tensor([0] + sizes, device=device).cumsum(0)
-        positions = bernoulli_positions(int(offsets[-1].item()), q, generator, device)
-        bounds = torch.searchsorted(positions, offsets).tolist()
+        rescale = group["rescale"]
+        positions = bounds = None
+        if slots:
+            device = slots[0].param.device
+            sizes = [s.param.numel() for s in slots]
+            offsets = torch.tensor([0] + sizes, device=device).cumsum(0)
+            positions = bernoulli_positions(int(offsets[-1].item()), q, generator, device)
+            bounds = torch.searchsorted(positions, offsets).tolist()
+        pending = []  # across ranks: the rescale waits for the tensors' global L1 norms
         for i, slot in enumerate(slots):
             index = positions[bounds[i] : bounds[i + 1]] - offsets[i]
             full_l1 = None
             if updates is not None:
                 kept = flat(updates[i]).index_select(0, index)
-                if group["rescale"]:
+                if rescale:
                     full_l1 = torch.linalg.vector_norm(updates[i], 1).item()
-            elif group["rescale"]:  # |D|_1 needs every entry: u ~ |D| in a scratch buffer
+            elif rescale:  # |D|_1 needs every entry: u ~ |D| in a scratch buffer
                 c = slot.coefficients
                 u = update_magnitude(slot.exp_avg, slot.exp_avg_sq, c, self.scratch(slot.param))
                 full_l1 = u.sum(dtype=torch.float64).item() * abs(c.step_size * c.bc2_sqrt)
@@ -87,13 +113,24 @@ class OnDAREAdamW(OnlineMergingAdamW):
                 kept = adam_update_at(slot.exp_avg, slot.exp_avg_sq, index, slot.coefficients)
             kept.div_(q)
             if full_l1 is not None:
-                self._rescale_(kept, full_l1, group)
+                kept_l1 = torch.linalg.vector_norm(kept, 1)
+                if across_ranks:
+                    pending.append((slot, index, kept, full_l1, kept_l1.item()))
+                    continue
+                self._rescale_(kept, full_l1, kept_l1, group)
             flat(slot.param).index_add_(0, index, kept, alpha=weight)
+        if across_ranks and rescale:
+            local_sums = torch.tensor([[full, part] for _, _, _, full, part in pending],
+                                      dtype=torch.float64).reshape(-1, 2)
+            totals = self._sums(layout, [p[0] for p in pending], local_sums).tolist()
+            for (slot, index, kept, _, _), (full_l1, kept_l1) in zip(pending, totals):
+                self._rescale_(kept, full_l1, kept_l1, group)
+                flat(slot.param).index_add_(0, index, kept, alpha=weight)
 
     @staticmethod
-    def _rescale_(kept: Tensor, full_l1: float, group: dict) -> None:
-        """kept *= |D|_1 / (|D_drop|_1 + eps), clamped to +-clip_tau (skipped when |D|_1 < 1e-8)."""
+    def _rescale_(kept: Tensor, full_l1: float, kept_l1: float | Tensor, group: dict) -> None:
+        """kept *= |D|_1 / (|D_drop|_1 + eps), clamped to +-clip_tau (skipped when |D|_1 < 1e-8).
+        Both norms are of the whole tensor (summed over ranks when it is sharded)."""
         if full_l1 >= 1e-8:
-            kept_l1 = torch.linalg.vector_norm(kept, 1)
             kept.mul_(full_l1 / (kept_l1 + group["eps"]))
             kept.clamp_(-group["clip_tau"], group["clip_tau"])

@@ -6,6 +6,12 @@ The task vector tau lives in the optimizer state (dense, or as flat indices + va
 is much smaller), so `state_dict()`/`load_state_dict()` carry it and a resumed run continues
 exactly. Masks are drawn from a generator re-seeded from (seed, group, step): no RNG state to
 save, and every DDP rank draws the same mask.
+
+Under DeepSpeed ZeRO the param groups end up holding flat fp32 partitions instead of the model's
+tensors. The optimizer remembers the tensors (and names) it was built with, recognises a flat
+partition at its first step (taxfree.optim.deepspeed), lays tau out like it, and hands the merge
+rules one slot per original tensor piece plus the `FlatLayout` that combines per-tensor
+quantities across ranks (taxfree.optim.sharded).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch.optim import Optimizer
 from taxfree.errors import TaxfreeError
 from taxfree.optim.adamw_math import AdamCoefficients, adam_updates, advance_moments_
 from taxfree.optim.named_tensors import NamedTensors
+from taxfree.optim.sharded import FlatLayout, Segment
 from taxfree.optim.sparsify import mix_seed
 
 _TAU_KEYS = ("tau", "tau_index", "tau_value")
@@ -36,6 +43,13 @@ class MergeSlot:
     tau: Tensor | None  # dense tau, or None when sparse
     tau_index: Tensor | None  # flat positions of the sparse tau
     tau_value: Tensor | None
+    numel: int = 0  # entries of the whole tensor (0: the slot is the whole tensor)
+    tensor: int | None = None  # index into the FlatLayout when the slot is a piece of a partition
+
+    @property
+    def full_numel(self) -> int:
+        """What per-tensor sizes (OnTIES's k) are computed from: the original tensor's size."""
+        return self.numel or self.param.numel()
 
 
 def local(tensor: Tensor) -> Tensor:
@@ -62,6 +76,34 @@ def add_tau_(slots: list[MergeSlot], weight: float) -> None:
             flat(s.param).index_add_(
                 0, s.tau_index, s.tau_value.to(s.param.dtype), alpha=weight
             )
+
+
+def segment_slot(
+    flat_param: Tensor, state: dict, coefficients: AdamCoefficients, seg: Segment, layout: FlatLayout
+) -> MergeSlot:
+    """The slot of one tensor piece of a flat partition: views into the partition and its state
+    (in-place updates land in the partition); a sparse tau is cut to the piece's positions."""
+    a, n = seg.start, seg.numel
+    tau = tau_index = tau_value = None
+    if "tau" in state:
+        tau = state["tau"].narrow(0, a, n)
+    else:
+        index = state["tau_index"]
+        bounds = torch.tensor([a, a + n], dtype=index.dtype, device=index.device)
+        lo, hi = torch.searchsorted(index, bounds).tolist()
+        tau_index = index[lo:hi] - a
+        tau_value = state["tau_value"][lo:hi]
+    return MergeSlot(
+        param=flat_param.narrow(0, a, n),
+        exp_avg=state["exp_avg"].narrow(0, a, n),
+        exp_avg_sq=state["exp_avg_sq"].narrow(0, a, n),
+        coefficients=coefficients,
+        tau=tau,
+        tau_index=tau_index,
+        tau_value=tau_value,
+        numel=layout.numels[seg.tensor],
+        tensor=seg.tensor,
+    )
 
 
 class OnlineMergingAdamW(Optimizer):
@@ -122,6 +164,21 @@ class OnlineMergingAdamW(Optimizer):
         self.sparse_tau = sparse_tau
         self._generators: dict[torch.device, torch.Generator] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._deferred: tuple[NamedTensors, NamedTensors] | None = None
+        self._tau_requested = False  # init_ref_param_diff was called (eagerly or deferred)
+        self._layouts: dict[Tensor, FlatLayout] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, plus a record of the group's own tensors: DeepSpeed later swaps them for flat
+        partitions in the same group dict, and the record is how the optimizer finds their names
+        and DeepSpeed's mapping of them."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not hasattr(self, "_originals"):
+            self._originals: dict[int, tuple[int, list[Tensor]]] = {}
+            self._original_ids: set[int] = set()
+        self._originals[id(group)] = (len(self.param_groups) - 1, list(group["params"]))
+        self._original_ids.update(id(p) for p in group["params"])
 
     # ----- subclass hooks -------------------------------------------------------------------
 
@@ -137,9 +194,13 @@ class OnlineMergingAdamW(Optimizer):
         slots: list[MergeSlot],
         updates: list[Tensor] | None,
         generator: torch.Generator,
+        layout: FlatLayout | None = None,
     ) -> None:
         """Merge and apply the update of every slot. `updates` is the dense D per slot when
-        already formed (online_step > 1), else None and the subclass forms what it needs."""
+        already formed (online_step > 1), else None and the subclass forms what it needs.
+        `layout` is given for a DeepSpeed partition: per-tensor quantities of shared tensors
+        must then be combined across ranks, and every rank must make the same collective calls
+        (even one whose slot list is empty)."""
         raise NotImplementedError
 
     # ----- names and tau --------------------------------------------------------------------
@@ -162,34 +223,142 @@ class OnlineMergingAdamW(Optimizer):
             "or param_name_map={(group_index, param_index): name}"
         )
 
+    def _original_name(self, group: dict, index: int) -> str:
+        """Name of the index-th tensor the group was built with (valid after DeepSpeed swapped
+        the group's params for flat partitions, unlike `parameter_name`)."""
+        gi, _ = self._originals[id(group)]
+        if self.param_name_map is not None:
+            name = self.param_name_map.get((gi, index))
+            if name is None:
+                raise TaxfreeError(
+                    f"param_name_map has no name for parameter {index} of group {gi}"
+                )
+            return name
+        if "param_names" in group:
+            return group["param_names"][index]
+        raise TaxfreeError(
+            f"{type(self).__name__}: parameters have no names: pass model.named_parameters() "
+            "or param_name_map={(group_index, param_index): name}"
+        )
+
+    def original_parameters(self, group: dict) -> list[tuple[str, Tensor]]:
+        """(name, tensor) of the model tensors `group` was built with."""
+        _, params = self._originals.get(id(group), (0, []))
+        return [(self._original_name(group, i), p) for i, p in enumerate(params)]
+
     @torch.no_grad()
-    def init_ref_param_diff(self, ref_model: Any, base_model: Any) -> None:
+    def init_ref_param_diff(self, ref_model: Any, base_model: Any, defer: bool = False) -> None:
         """Build tau = theta_ref - theta_base for every parameter, paired by name.
 
         ref/base: models, state dicts, or safetensors checkpoint paths. tau is computed on the
         full tensor (same mask / top-k as an unsharded run), then kept only as this rank's
-        shard when the parameter is a DTensor.
+        shard when the parameter is a DTensor or a piece of a DeepSpeed ZeRO partition.
+
+        defer=True only records ref/base and builds tau at the first step, in whatever layout
+        the parameters have by then: under DeepSpeed no rank ever holds a full-model tau, only
+        its partition's. It always defers once DeepSpeed has the parameters: partitioned by
+        ZeRO-3 (`deepspeed.zero.Init` or `deepspeed.initialize`: no shape to check yet), or
+        the groups already holding ZeRO partitions (called after `deepspeed.initialize`).
         """
         ref = NamedTensors(ref_model, "ref")
         base = NamedTensors(base_model, "base")
+        self._tau_requested = True
+        own = [p for _, params in self._originals.values() for p in params]
+        deepspeed_has_them = any(hasattr(p, "ds_id") for p in own) or any(
+            id(p) not in self._original_ids for g in self.param_groups for p in g["params"]
+        )
+        if defer or deepspeed_has_them:
+            self._deferred = (ref, base)
+            return
+        self._deferred = None
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                name = self.parameter_name(gi, pi)
-                r, b = ref.get(name), base.get(name)
-                if r.shape != p.shape or b.shape != p.shape:
+                self._build_tau(group, self.parameter_name(gi, pi), p, ref, base)
+
+    def _task_vector(
+        self, name: str, shape: tuple[int, ...], group: dict, device: torch.device,
+        ref: NamedTensors, base: NamedTensors,
+    ) -> Tensor:
+        """tau of one full tensor (fp32, not yet in tau_dtype); seeded by name, so every rank
+        and every layout gets the same mask."""
+        r, b = ref.get(name), base.get(name)
+        if tuple(r.shape) != tuple(shape) or tuple(b.shape) != tuple(shape):
+            hint = ""
+            if "_fsdp_wrapped_module" in name.split(".") and len(shape) == 1:
+                hint = (" (FSDP1 with a sharding strategy hands the optimizer 1-D shard pieces: "
+                        "use FSDP2, DeepSpeed ZeRO, or FSDP1 with NO_SHARD)")
+            raise TaxfreeError(
+                f"tensor {name!r}: parameter shape {tuple(shape)}, ref "
+                f"{tuple(r.shape)}, base {tuple(b.shape)}{hint}"
+            )
+        diff = r.to(device=device, dtype=torch.float32) - b.to(device=device, dtype=torch.float32)
+        generator = torch.Generator(device=device).manual_seed(mix_seed(group["seed"], "tau", name))
+        return self.build_task_vector(diff, group, generator)
+
+    def _build_tau(self, group: dict, name: str, p: Tensor, ref, base) -> None:
+        tau = self._task_vector(name, tuple(p.shape), group, local(p).device, ref, base)
+        self._store_tau(p, tau.to(self.tau_dtype or p.dtype))
+
+    def _full_tau(self, p: Tensor, numel: int) -> Tensor | None:
+        """The tau built for a whole model tensor (before DeepSpeed took it over), flattened;
+        None if there is none."""
+        if p not in self.state:
+            return None
+        state = self.state[p]
+        if "tau" in state:
+            return local(state["tau"]).reshape(-1)
+        if "tau_index" in state:
+            out = torch.zeros(numel, dtype=state["tau_value"].dtype, device=state["tau_value"].device)
+            out[state["tau_index"].long()] = state["tau_value"]
+            return out
+        return None
+
+    def _build_flat_tau(self, group: dict, flat_param: Tensor, layout: FlatLayout) -> None:
+        """tau in the partition's own layout: each segment is the matching slice of the full
+        tensor's tau (the one built before DeepSpeed took over, or built now from the deferred
+        ref/base), so masks and top-k are those of an unsharded run."""
+        if not self._tau_requested:
+            raise TaxfreeError(
+                f"{type(self).__name__}.step() before init_ref_param_diff(ref, base): the "
+                "DeepSpeed partition has no task vector"
+            )
+        dtype = self.tau_dtype or layout.dtype
+        tau = torch.zeros(flat_param.numel(), dtype=dtype, device=flat_param.device)
+        for seg in layout.segments:
+            original = layout.originals[seg.tensor]
+            full = self._full_tau(original, layout.numels[seg.tensor])
+            if full is None:
+                if self._deferred is None:
                     raise TaxfreeError(
-                        f"tensor {name!r}: parameter shape {tuple(p.shape)}, ref "
-                        f"{tuple(r.shape)}, base {tuple(b.shape)}"
+                        f"{type(self).__name__}: no task vector for {layout.names[seg.tensor]!r}"
                     )
-                device = local(p).device
-                diff = r.to(device=device, dtype=torch.float32) - b.to(
-                    device=device, dtype=torch.float32
-                )
-                generator = torch.Generator(device=device).manual_seed(
-                    mix_seed(group["seed"], "tau", name)
-                )
-                tau = self.build_task_vector(diff, group, generator)
-                self._store_tau(p, tau.to(self.tau_dtype or p.dtype))
+                ref, base = self._deferred
+                full = self._task_vector(
+                    layout.names[seg.tensor], layout.shapes[seg.tensor], group,
+                    flat_param.device, ref, base,
+                ).reshape(-1)
+            tau[seg.start : seg.start + seg.numel] = full[seg.offset : seg.offset + seg.numel].to(dtype)
+        self._store_tau(flat_param, tau)
+        for original in layout.originals:  # the whole-tensor taus are no longer needed
+            if original in self.state:
+                for key in _TAU_KEYS:
+                    self.state[original].pop(key, None)
+                if not self.state[original]:
+                    del self.state[original]
+
+    def flat_layout(self, group: dict, p: Tensor) -> FlatLayout | None:
+        """The FlatLayout of `p` when it is a DeepSpeed ZeRO partition that took the place of
+        the group's own tensors; None for the group's own tensors (and anything else)."""
+        if id(p) in self._original_ids:
+            return None
+        layout = self._layouts.get(p)
+        if layout is None:
+            from taxfree.optim.deepspeed import zero_flat_layout
+
+            layout = zero_flat_layout(self, group, p)
+            if layout is not None:
+                self._layouts[p] = layout
+        return layout
 
     def _store_tau(self, p: Tensor, tau: Tensor) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
@@ -234,18 +403,27 @@ class OnlineMergingAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
+            buckets: dict[Any, list[tuple[int, Tensor]]] = {}
+            layouts: dict[Any, FlatLayout] = {}
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise TaxfreeError(f"{type(self).__name__} does not support sparse gradients")
+                layout = self.flat_layout(group, p)
+                if layout is None and id(p) not in self._original_ids:
+                    self._adopt_replacement(group, pi, p)
                 state = self.state[p]
                 if not any(k in state for k in _TAU_KEYS):
-                    raise TaxfreeError(
-                        f"{type(self).__name__}.step() before init_ref_param_diff(ref, base): "
-                        f"parameter {self._describe(gi, pi)} has no task vector"
-                    )
+                    if layout is not None:
+                        self._build_flat_tau(group, p, layout)
+                    elif self._deferred is not None and id(p) in self._original_ids:
+                        self._build_deferred_own(group, p)
+                    else:
+                        raise TaxfreeError(
+                            f"{type(self).__name__}.step() before init_ref_param_diff(ref, base): "
+                            f"parameter {self._describe(gi, pi)} has no task vector"
+                        )
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -253,17 +431,49 @@ class OnlineMergingAdamW(Optimizer):
                 if group["online_step"] > 1 and "cached_update" not in state:
                     state["cached_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 lp = local(p)
-                buckets.setdefault((lp.device, lp.dtype), []).append((pi, p))
+                key: Any = (lp.device, lp.dtype)
+                if layout is not None:  # a partition steps alone: its reductions are per partition
+                    key = ("partition", id(p))
+                    layouts[key] = layout
+                buckets.setdefault(key, []).append((pi, p))
             if not buckets:
                 continue
             group["group_step"] += 1
-            for bi, members in enumerate(buckets.values()):
+            for bi, (key, members) in enumerate(buckets.items()):
                 device = local(members[0][1]).device
-                generator = self._generator(device).manual_seed(
-                    mix_seed(group["seed"], gi, group["group_step"], bi)
-                )
-                self._step_bucket(group, [p for _, p in members], generator)
+                layout = layouts.get(key)
+                if layout is None:
+                    seed = mix_seed(group["seed"], gi, group["group_step"], bi)
+                else:  # group index and rank: different partitions draw different masks
+                    seed = mix_seed(group["seed"], group["group_step"], "zero", *layout.seed_key)
+                generator = self._generator(device).manual_seed(seed)
+                self._step_bucket(group, [p for _, p in members], generator, layout)
         return loss
+
+    def _adopt_replacement(self, group: dict, index: int, p: Tensor) -> None:
+        """accelerate's FSDP2 preparation puts a sharded DTensor copy of each tensor in its place
+        in the param group (`fsdp2_switch_optimizer_parameters`): take it as the group's own
+        tensor at that position (same shape), and move its tau over, re-sharded like it."""
+        record = self._originals.get(id(group))
+        if record is None or len(record[1]) != len(group["params"]):
+            return
+        old = record[1][index]
+        if tuple(old.shape) != tuple(p.shape):
+            return
+        record[1][index] = p
+        self._original_ids.discard(id(old))
+        self._original_ids.add(id(p))
+        full = self._full_tau(old, old.numel())
+        self.state.pop(old, None)
+        if full is not None:
+            self._store_tau(p, full.view(old.shape).to(local(p).device))
+
+    def _build_deferred_own(self, group: dict, p: Tensor) -> None:
+        """Deferred tau of one of the group's own tensors (no DeepSpeed after all)."""
+        _, originals = self._originals[id(group)]
+        index = next(i for i, q in enumerate(originals) if q is p)
+        ref, base = self._deferred
+        self._build_tau(group, self._original_name(group, index), p, ref, base)
 
     def _describe(self, gi: int, pi: int) -> str:
         try:
@@ -274,19 +484,30 @@ class OnlineMergingAdamW(Optimizer):
     def scratch(self, like: Tensor) -> Tensor:
         """A flat buffer of like's size, device and dtype, reused across steps (grown to the
         largest tensor): the dense temporaries of a merge need no allocation per step."""
-        key = (like.device, like.dtype)
+        return self.scratch_of(like.numel(), like.dtype, like.device)
+
+    def scratch_of(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (device, dtype)
         buffer = self._scratch.get(key)
-        if buffer is None or buffer.numel() < like.numel():
-            buffer = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, device=device, dtype=dtype)
             self._scratch[key] = buffer
-        return buffer[: like.numel()]
+        return buffer[:numel]
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
         return self._generators[device]
 
-    def _step_bucket(self, group: dict, params: list[Tensor], generator: torch.Generator) -> None:
+    def _step_bucket(
+        self,
+        group: dict,
+        params: list[Tensor],
+        generator: torch.Generator,
+        layout: FlatLayout | None = None,
+    ) -> None:
+        """The Adam part over whole tensors (flat partitions included: it is elementwise), then
+        the merge over slots: one per tensor, or one per tensor piece of a partition."""
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
@@ -319,30 +540,37 @@ class OnlineMergingAdamW(Optimizer):
                 torch._foreach_add_([local(states[i]["cached_update"]) for i in plain], updates)
         if not merge_at:
             return
-        slots = [
-            MergeSlot(
-                param=P[i],
-                exp_avg=local(states[i]["exp_avg"]),
-                exp_avg_sq=local(states[i]["exp_avg_sq"]),
-                coefficients=coefficients[i],
-                tau=local(states[i]["tau"]) if "tau" in states[i] else None,
-                tau_index=states[i].get("tau_index"),
-                tau_value=states[i].get("tau_value"),
-            )
-            for i in merge_at
-        ]
         updates = None
         if k > 1:
             # Revert the cached updates and merge their sum with this step's update once.
             caches = [local(states[i]["cached_update"]) for i in merge_at]
             updates = adam_updates(
-                [s.exp_avg for s in slots], [s.exp_avg_sq for s in slots],
-                [s.coefficients for s in slots],
+                [local(states[i]["exp_avg"]) for i in merge_at],
+                [local(states[i]["exp_avg_sq"]) for i in merge_at],
+                [coefficients[i] for i in merge_at],
             )
-            torch._foreach_sub_([s.param for s in slots], caches)
+            torch._foreach_sub_([P[i] for i in merge_at], caches)
             torch._foreach_add_(updates, caches)
             torch._foreach_zero_(caches)
-        self.apply_merged_update_(group, slots, updates, generator)
+        if layout is None:
+            slots = [
+                MergeSlot(
+                    param=P[i],
+                    exp_avg=local(states[i]["exp_avg"]),
+                    exp_avg_sq=local(states[i]["exp_avg_sq"]),
+                    coefficients=coefficients[i],
+                    tau=local(states[i]["tau"]) if "tau" in states[i] else None,
+                    tau_index=states[i].get("tau_index"),
+                    tau_value=states[i].get("tau_value"),
+                )
+                for i in merge_at
+            ]
+        else:
+            (i,) = merge_at  # a partition is stepped alone
+            slots = [segment_slot(P[i], states[i], coefficients[i], s, layout) for s in layout.segments]
+            if updates is not None:
+                updates = [updates[0].narrow(0, s.start, s.numel) for s in layout.segments]
+        self.apply_merged_update_(group, slots, updates, generator, layout)
 
     # ----- state ----------------------------------------------------------------------------
 
@@ -355,7 +583,12 @@ class OnlineMergingAdamW(Optimizer):
         for pid, s in state_dict["state"].items():
             taus[pid] = {k: v for k, v in s.items() if k in _TAU_KEYS}
             kept[pid] = {k: v for k, v in s.items() if k not in _TAU_KEYS}
+        before = list(self.param_groups)
         super().load_state_dict({**state_dict, "state": kept})
+        # torch makes new group dicts: move the record of each group's own tensors over
+        for old, new in zip(before, self.param_groups):
+            if id(old) in self._originals:
+                self._originals[id(new)] = self._originals.pop(id(old))
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
                 device = local(p).device

@@ -5,6 +5,11 @@ plus an exact selection on about 1.2*k candidates, no sort of the whole tensor).
 runs densely where tau is dense; with a sparse tau the trimmed update is applied first and
 then corrected at tau's q*n positions only, which is the same arithmetic because the election
 cannot drop anything where tau is zero.
+
+Under DeepSpeed ZeRO a slot may be one rank's piece of a tensor. k is then q times the whole
+tensor's size, the threshold of a tensor spread over ranks is found exactly across them
+(`sharded.kth_largest`), and the rescale's L1 norms are summed over the tensor's pieces, so the
+kept entries and the scale are those of an unsharded run.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from torch import Tensor
 
 from taxfree.optim.adamw_math import adam_updates, signed_at, update_magnitude
 from taxfree.optim.online_merging import MergeSlot, OnlineMergingAdamW, flat
+from taxfree.optim.sharded import FlatLayout, kth_largest, tensor_sums
 from taxfree.optim.sparsify import topk_positions
 
 
@@ -62,11 +68,12 @@ class OnTIESAdamW(OnlineMergingAdamW):
         slots: list[MergeSlot],
         updates: list[Tensor] | None,
         generator: torch.Generator,
+        layout: FlatLayout | None = None,
     ) -> None:
         use_merge, alpha = group["use_merge"], group["alpha"]
         tau_weight = alpha if use_merge else 0.0
         update_weight = 1.0 - alpha if use_merge else 1.0
-        trims = [_kept_count(group, s.param.numel()) for s in slots]
+        trims = [_kept_count(group, s.full_numel) for s in slots]
         if updates is not None:  # online_step > 1: the dense D (with the cached sum) is given
             updates = list(updates)
         else:  # AdamW's exact D where nothing is trimmed; u ~ |D| in a scratch buffer elsewhere
@@ -78,6 +85,9 @@ class OnTIESAdamW(OnlineMergingAdamW):
             updates = [None] * len(slots)
             for i, d in zip(untrimmed, exact):
                 updates[i] = d
+        if layout is not None and layout.any_shared:
+            self._merge_across_ranks_(group, slots, updates, trims, layout, tau_weight, update_weight)
+            return
         for i, slot in enumerate(slots):
             d = flat(updates[i]) if updates[i] is not None else None
             magnitude = None
@@ -88,6 +98,86 @@ class OnTIESAdamW(OnlineMergingAdamW):
             self._merge_one_(group, slot, trims[i], d, magnitude, tau_weight, update_weight)
             updates[i] = None  # free as we go: the peak stays near one update
 
+    def _merge_across_ranks_(
+        self, group, slots, updates, trims, layout: FlatLayout, tau_weight, update_weight
+    ) -> None:
+        """The same merge for the pieces of a partition some of whose tensors span ranks. The
+        pieces of those tensors first: their |D| side by side in one buffer, the exact per-tensor
+        thresholds and L1 sums across ranks (every rank makes the same collective calls, with
+        whatever pieces it holds), then their merge. The other pieces then one by one, exactly
+        as unsharded tensors."""
+        ks = {}
+        for t, numel in enumerate(layout.numels):
+            k = _kept_count(group, numel)
+            if layout.shared[t] and k is not None:
+                ks[t] = k
+        shared = [i for i, slot in enumerate(slots) if slot.tensor in ks]
+        magnitudes: dict[int, Tensor] = {}
+        if shared:
+            like = slots[shared[0]].param
+            total = sum(slots[i].param.numel() for i in shared)
+            buffer = self.scratch_of(total, like.dtype, like.device)
+            offset = 0
+            for i in shared:
+                slot = slots[i]
+                region = buffer[offset : offset + slot.param.numel()]
+                offset += region.numel()
+                if updates[i] is not None:
+                    magnitudes[i] = torch.abs(flat(updates[i]), out=region)
+                else:
+                    magnitudes[i] = update_magnitude(
+                        slot.exp_avg, slot.exp_avg_sq, slot.coefficients, region
+                    )
+        thresholds = kth_largest(layout, ks, {slots[i].tensor: magnitudes[i] for i in shared})
+        selections = {}
+        for i in shared:
+            threshold = thresholds[slots[i].tensor]
+            selections[i] = [torch.nonzero(magnitudes[i] >= threshold).squeeze(1), threshold, 1.0]
+        if group["rescale"] and ks:
+            local_sums = torch.tensor(
+                [[magnitudes[i].sum(dtype=torch.float64).item(),
+                  magnitudes[i].index_select(0, selections[i][0]).sum(dtype=torch.float64).item()]
+                 for i in shared],
+                dtype=torch.float64,
+            ).reshape(-1, 2)
+            totals = tensor_sums(layout, [slots[i].tensor for i in shared], local_sums).tolist()
+            for i, (full_l1, kept_l1) in zip(shared, totals):
+                c = slots[i].coefficients
+                unit = 1.0 if updates[i] is not None else abs(c.step_size * c.bc2_sqrt)
+                if full_l1 * unit >= 1e-8:
+                    selections[i][2] = full_l1 / kept_l1
+        for i in shared:
+            d = flat(updates[i]) if updates[i] is not None else None
+            self._merge_one_(group, slots[i], trims[i], d, magnitudes[i], tau_weight,
+                             update_weight, selections[i])
+            updates[i] = None
+        for i, slot in enumerate(slots):
+            if i in selections:
+                continue
+            d = flat(updates[i]) if updates[i] is not None else None
+            magnitude = None
+            if d is None:
+                magnitude = update_magnitude(
+                    slot.exp_avg, slot.exp_avg_sq, slot.coefficients, self.scratch(slot.param)
+                )
+            self._merge_one_(group, slot, trims[i], d, magnitude, tau_weight, update_weight)
+            updates[i] = None
+
+    def _select(self, group: dict, slot: MergeSlot, k: int | None, d, magnitude) -> list:
+        """[kept positions, threshold, scale] of the top-k trim of one whole tensor."""
+        if k is None:
+            return [None, None, 1.0]
+        kept, threshold = topk_positions(magnitude, k)
+        scale = 1.0
+        if group["rescale"]:
+            c = slot.coefficients
+            unit = 1.0 if d is not None else abs(c.step_size * c.bc2_sqrt)  # |D| = unit * magnitude
+            full_l1 = magnitude.sum(dtype=torch.float64)
+            if full_l1.item() * unit >= 1e-8:
+                kept_l1 = magnitude.index_select(0, kept).sum(dtype=torch.float64)
+                scale = (full_l1 / kept_l1).item()
+        return [kept, threshold, scale]
+
     def _merge_one_(
         self,
         group: dict,
@@ -97,29 +187,23 @@ class OnTIESAdamW(OnlineMergingAdamW):
         magnitude: Tensor | None,
         tau_weight: float,
         update_weight: float,
+        selection: list | None = None,
     ) -> None:
         """One parameter: d is the dense D, or None and magnitude holds u ~ |D| (D's sign and
-        scale recovered from exp_avg where needed, see adamw_math.update_magnitude)."""
+        scale recovered from exp_avg where needed, see adamw_math.update_magnitude).
+        selection: [kept, threshold, scale] when already found across ranks."""
         p = flat(slot.param)
-        kept = threshold = None
-        scale = 1.0
         if d is not None:
             values_at = lambda index: d.index_select(0, index)  # noqa: E731
-            if k is not None:
+            if k is not None and magnitude is None:
                 magnitude = torch.abs(d, out=self.scratch(d))
-            unit = 1.0  # |D| = unit * magnitude
         else:
             values_at = lambda index: signed_at(  # noqa: E731
                 magnitude, slot.exp_avg, index, slot.coefficients
             )
-            unit = abs(slot.coefficients.step_size * slot.coefficients.bc2_sqrt)
-        if k is not None:
-            kept, threshold = topk_positions(magnitude, k)
-            if group["rescale"]:
-                full_l1 = magnitude.sum(dtype=torch.float64)
-                if full_l1.item() * unit >= 1e-8:
-                    kept_l1 = magnitude.index_select(0, kept).sum(dtype=torch.float64)
-                    scale = (full_l1 / kept_l1).item()
+        if selection is None:
+            selection = self._select(group, slot, k, d, magnitude)
+        kept, threshold, scale = selection
 
         def trimmed_at(index: Tensor) -> Tensor:
             """D_k at flat positions `index`: D where |D| >= threshold, rescaled, else 0."""

@@ -77,6 +77,8 @@ class TrainConfig:
     eval_batch_size: int = 16
     grad_accum: int = 1
     max_length: int = 512
+    # Over-long examples are cut (TRL keeps their start) unless false: then they are an error.
+    truncation: bool = True
     max_grad_norm: float = 1.0
     logging_steps: int = 10
     save_steps: int = 200
@@ -222,6 +224,120 @@ class AlignStageConfig(TrainConfig):
 
 
 @dataclass
+class PartwiseMergeConfig:
+    """One partwise point: an aligned weight per decoder-layer range (ALGORITHMS.md 3)."""
+
+    name: str | None = None  # the point is merge/<variant>-<name>; null = partwise<index>
+    blocks: str = ""  # "0-1:0.8,2-3:0.5,4-:0.2" (inclusive ranges, FIRST-LAST:ALIGNED_WEIGHT)
+    aligned_weight: float | None = None  # layers no range covers (null: every layer must be covered)
+    embed_weight: float | None = None  # embeddings; null = aligned_weight
+    head_weight: float | None = None  # final norm + LM head; null = aligned_weight
+
+    def check(self):
+        from taxfree.merging.plan import parse_blocks
+
+        _require(bool(self.blocks.strip()), "blocks", 'give the layer ranges, e.g. "0-1:0.8,2-:0.4"')
+        try:
+            parse_blocks(self.blocks)
+        except Exception as e:  # TaxfreeError from the parser, reworded for the config
+            raise _Fail(f"blocks: {str(e).removeprefix('--blocks: ')}") from None
+        for k in ("embed_weight", "head_weight"):
+            _require(self.aligned_weight is not None or getattr(self, k) is not None, k,
+                     "required when aligned_weight is null (nothing else says what it gets)")
+        _require(self.name is None or (bool(self.name) and "/" not in self.name and not self.name.startswith(".")),
+                 "name", "must be a plain directory name")
+
+
+@dataclass
+class MergeStageConfig:
+    """Post-hoc averaging of the SFT model with each aligned variant: `(1 - w) * sft + w * aligned`.
+
+    One output per point: `merge/<variant>-w<w>/` for each aligned weight, and
+    `merge/<variant>-<name>/` for each partwise setting.
+    """
+
+    aligned: list[str] | None = None  # align variants to merge (e.g. dpo-adamw); null = every one
+    aligned_weights: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    partwise: list[PartwiseMergeConfig] = field(default_factory=list)
+    allow_extrapolation: bool = False  # allow weights outside [0, 1]
+    max_shard_size: str = "5GB"
+
+    def check(self):
+        from taxfree.merging.checkpoint import parse_size
+
+        _require(len(self.aligned_weights) + len(self.partwise) >= 1, "aligned_weights",
+                 "list at least one aligned weight (or a partwise setting)")
+        _require(len(set(self.aligned_weights)) == len(self.aligned_weights), "aligned_weights", "a weight is listed twice")
+        for w in self.aligned_weights:
+            _require(self.allow_extrapolation or 0.0 <= w <= 1.0, "aligned_weights",
+                     f"{w} is outside [0, 1] (set allow_extrapolation: true to extrapolate)")
+        for i, p in enumerate(self.partwise):
+            for k in ("aligned_weight", "embed_weight", "head_weight"):
+                v = getattr(p, k)
+                _require(v is None or self.allow_extrapolation or 0.0 <= v <= 1.0, f"partwise[{i}].{k}",
+                         f"{v} is outside [0, 1] (set allow_extrapolation: true to extrapolate)")
+        names = [p.name or f"partwise{i}" for i, p in enumerate(self.partwise)]
+        _require(len(set(names)) == len(names), "partwise", "two partwise settings have the same name")
+        _require(self.aligned is None or len(self.aligned) >= 1, "aligned", "list at least one variant (or null for all)")
+        try:
+            parse_size(self.max_shard_size)
+        except Exception as e:
+            raise _Fail(f"max_shard_size: {e}") from None
+
+    def point_names(self) -> list[str]:
+        return [f"partwise{i}" if p.name is None else p.name for i, p in enumerate(self.partwise)]
+
+
+@dataclass
+class AmaStageConfig:
+    """Adaptive Model Averaging (ALGORITHMS.md 4): learned per-block aligned weights.
+
+    One merged model per aligned variant, `ama/<variant>/`, trained on the collected data: the
+    sample stage's best-of-K responses (`sample/collected.jsonl`) unless `data` names a file.
+    """
+
+    aligned: list[str] | None = None  # align variants (e.g. dpo-adamw); null = every one
+    data: str | None = None  # sft-format JSONL; null = the run's sample/collected.jsonl
+    blocks: str = "block3"  # block3 (thirds), blockN, or layerwise
+    head_block: bool = False  # the LM head as one more learned block (needs an untied head)
+    sft_mean: float = 0.2  # mean SFT weight s0 (mean aligned weight 1 - s0)
+    eps: float = 0.2
+    reg: float = 1e-4
+    reg_weighting: Literal["plain", "layer"] = "plain"
+    embed_aligned_weight: float | None = None  # null = 1 - sft_mean
+    head_aligned_weight: float | None = None  # null = 1 - sft_mean (ignored with head_block)
+    lr: float = 4e-5  # the paper: 2e-5 after RSF, 4e-5 after PPO/DPO
+    epochs: int = 1
+    warmup_ratio: float = 0.03
+    batch_size: int = 8
+    max_length: int = 512
+    max_examples: int | None = None  # null = all collected examples
+    max_grad_norm: float | None = None
+    save_steps: int = 50  # checkpoint the logits and optimizer state every N steps (resume after a kill)
+
+    def check(self):
+        import re
+
+        _require(self.blocks == "layerwise" or re.fullmatch(r"block[1-9]\d*", self.blocks) is not None, "blocks",
+                 f"{self.blocks!r}: expected block3, blockN (e.g. block4) or layerwise")
+        _require(0.0 < self.sft_mean < 1.0, "sft_mean", "must be in (0, 1)")
+        _require(self.eps >= 0.0, "eps", "must be >= 0")
+        _require(self.reg >= 0.0, "reg", "must be >= 0")
+        for k in ("embed_aligned_weight", "head_aligned_weight"):
+            v = getattr(self, k)
+            _require(v is None or 0.0 <= v <= 1.0, k, f"{v} is outside [0, 1]")
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.epochs >= 1, "epochs", "must be >= 1")
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.max_length >= 8, "max_length", "must be >= 8")
+        _require(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        _require(self.save_steps >= 1, "save_steps", "must be >= 1")
+        _require(self.aligned is None or len(self.aligned) >= 1, "aligned", "list at least one variant (or null for all)")
+
+
+@dataclass
 class EvaluateStageConfig:
     """Reward and alignment tax of every model the run made (ALGORITHMS.md 5).
 
@@ -342,6 +458,8 @@ class ExperimentConfig:
     rm: RMStageConfig = field(default_factory=RMStageConfig)
     sample: SampleStageConfig = field(default_factory=SampleStageConfig)
     align: AlignStageConfig = field(default_factory=AlignStageConfig)
+    merge: MergeStageConfig = field(default_factory=MergeStageConfig)
+    ama: AmaStageConfig = field(default_factory=AmaStageConfig)
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
     report: ReportStageConfig = field(default_factory=ReportStageConfig)
 
@@ -376,8 +494,14 @@ class ExperimentConfig:
         return out
 
     def needs_samples(self) -> bool:
-        """Reward-labelled samples feed exo-rw / dpo-rw (and AMA's collected data)."""
-        return any(m in ("exo-rw", "dpo-rw") for m in self.align.methods)
+        """Reward-labelled samples feed exo-rw / dpo-rw, and AMA's collected data unless ama.data is given."""
+        if any(m in ("exo-rw", "dpo-rw") for m in self.align.methods):
+            return True
+        return self.ama.data is None and (self.stages is None or "ama" in self.stages)
+
+    def align_variants(self) -> list[str]:
+        """Names of the align stage's variants, `<method>-<optimizer>`."""
+        return [f"{m}-{o}" for m in self.align.methods for o in self.align.optimizers]
 
     def section(self, stage: str) -> dict:
         obj = getattr(self, stage, None)
@@ -395,7 +519,7 @@ class ExperimentConfig:
 
 
 # Stages whose code exists; the CLI offers exactly these.
-IMPLEMENTED_STAGES = ["world", "pretrain", "sft", "rm", "sample", "align", "evaluate", "report"]
+IMPLEMENTED_STAGES = ["world", "pretrain", "sft", "rm", "sample", "align", "merge", "ama", "evaluate", "report"]
 
 _NOT_SECTIONS = {"source", "base_dir"}
 
@@ -462,6 +586,8 @@ def _check_paths(cfg: ExperimentConfig) -> None:
             value = getattr(opt, key)
             if value is not None and not looks_like_hub_id(value) and not (Path(value) / "config.json").is_file():
                 raise ConfigError(f"{src}: {stage}.optimizer.{key}: model directory not found: {value}")
+    if cfg.ama.data is not None and not Path(cfg.ama.data).is_file():
+        raise ConfigError(f"{src}: ama.data: file not found: {cfg.ama.data}")
 
 
 def _check_consistency(cfg: ExperimentConfig) -> None:
@@ -491,7 +617,13 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"{src}: models.base: {merging[0]} needs the model SFT started from (tau = sft - base); set models.base"
         )
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+    variants = cfg.align_variants()
+    for stage in ("merge", "ama"):
+        for v in getattr(cfg, stage).aligned or []:
+            if v not in variants:
+                raise ConfigError(f"{src}: {stage}.aligned: {v!r} is not an align variant of this config"
+                                  f"{nearest(v, variants)} (have: {', '.join(variants)})")
+    if not cfg.name or "/" in cfg.name or "\\" in cfg.name or cfg.name in (".", "..") or any(ord(c) < 32 for c in cfg.name):
         raise ConfigError(f"{src}: name: must be a plain directory name, got {cfg.name!r}")
 
 
@@ -527,6 +659,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         setattr(cfg.data, key.name, _resolve_path(cfg, getattr(cfg.data, key.name)))
     for key in ("base", "sft", "tokenizer"):
         setattr(cfg.models, key, _resolve_path(cfg, getattr(cfg.models, key)))
+    cfg.ama.data = _resolve_path(cfg, cfg.ama.data)
     _check_consistency(cfg)
     _check_paths(cfg)
     return cfg

@@ -65,3 +65,21 @@ def tokenizer_source(cfg: ExperimentConfig) -> tuple[str | None, str]:
     if cfg.models.sft is not None:
         return None, cfg.models.sft
     return base_model_source(cfg)
+
+
+def local_model_dir(ref: str) -> str:
+    """A directory holding the checkpoint's files: `ref` itself, or a hub id's local snapshot.
+
+    Streaming merges read safetensors files directly, so a hub id is resolved to its snapshot
+    (downloaded when the hub is reachable, else from the cache).
+    """
+    from taxfree.pipeline.config import looks_like_hub_id
+
+    if Path(ref).is_dir() or not looks_like_hub_id(ref):
+        return ref
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+    except Exception as e:  # offline and not cached, unknown repo, ...
+        raise TaxfreeError(f"{ref}: cannot get the checkpoint files: {str(e).splitlines()[0]}") from None

@@ -14,11 +14,13 @@ from taxfree.data.records import pref_to_kto, read_jsonl
 from taxfree.errors import TaxfreeError
 from taxfree.losses import METHOD_BACKENDS
 from taxfree.losses.methods import TAXFREE_CONTRASTIVE, TRL_DPO, TRL_KTO
+from taxfree.optim.trainer import hand_optimizer_to_trainer
 from taxfree.models.load import load_causal_lm, load_tokenizer
 from taxfree.pipeline.resolve import base_model_source, data_source, sft_model_source, tokenizer_source
 from taxfree.pipeline.runner import run_variants
 from taxfree.stages.callbacks import LastLogs, numeric
-from taxfree.stages.common import build_stage_optimizer, last_checkpoint, save_model, tensorboard_callback, trainer_kwargs
+from taxfree.stages.common import (build_stage_optimizer, check_lengths, last_checkpoint, resumed_from_step, save_model,
+                                    tensorboard_callback, trainer_kwargs, whole_run_train_loss)
 
 KEEPS_VARIANTS = True
 RW_METHODS = ("exo-rw", "dpo-rw")
@@ -47,6 +49,17 @@ def inputs(cfg) -> dict:
     if any(m in RW_METHODS for m in cfg.align.methods):
         out["samples"] = ("sample", str(cfg.stage_dir("sample") / "rw.jsonl"))
     return out
+
+
+def preflight(cfg) -> None:
+    """Config combinations only this stage can judge, checked before any stage runs."""
+    k = cfg.align.num_completions
+    rw = [m for m in cfg.align.methods if m in RW_METHODS]
+    if k is not None and rw and k > cfg.sample.num_completions:
+        raise TaxfreeError(
+            f"{cfg.source}: align.num_completions: K = {k} is more than the {cfg.sample.num_completions} completions "
+            f"per prompt the sample stage draws (sample.num_completions) for {rw[0]}; lower K or sample more"
+        )
 
 
 def section(cfg) -> dict:
@@ -107,14 +120,14 @@ def _trainer(cfg, method: str, model, ref_model, tokenizer, train, evald, optimi
         args = DPOConfig(**common, loss_type=[backend.loss_type], beta=sec.beta, label_smoothing=label_smoothing,
                          max_length=sec.max_length, precompute_ref_log_probs=sec.precompute_ref_log_probs)
         return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evald,
-                          processing_class=tokenizer, optimizers=(optimizer, None), callbacks=callbacks)
+                          processing_class=tokenizer, optimizers=(None, None), callbacks=callbacks)
     if backend.trainer == TRL_KTO:
         from trl import KTOConfig, KTOTrainer
 
         args = KTOConfig(**common, loss_type=backend.loss_type, beta=sec.beta, max_length=sec.max_length,
                          precompute_ref_log_probs=sec.precompute_ref_log_probs)
         return KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evald,
-                          processing_class=tokenizer, optimizers=(optimizer, None), callbacks=callbacks)
+                          processing_class=tokenizer, optimizers=(None, None), callbacks=callbacks)
     if backend.trainer == TAXFREE_CONTRASTIVE:
         from taxfree.trainers import ContrastiveConfig, ContrastiveTrainer
 
@@ -123,7 +136,7 @@ def _trainer(cfg, method: str, model, ref_model, tokenizer, train, evald, optimi
                                  max_length=sec.max_length, max_prompt_length=sec.max_prompt_length,
                                  num_completions=sec.num_completions if method in RW_METHODS else None)
         return ContrastiveTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evald,
-                                  processing_class=tokenizer, optimizers=(optimizer, None), callbacks=callbacks)
+                                  processing_class=tokenizer, optimizers=(None, None), callbacks=callbacks)
     raise TaxfreeError(f"align: no trainer for method {method!r}")  # pragma: no cover
 
 
@@ -132,6 +145,12 @@ def train_variant(cfg, method: str, optimizer_name: str, vdir) -> dict:
     _, sft_path = sft_model_source(cfg)
     _, tok_path = tokenizer_source(cfg)
     tokenizer = load_tokenizer(tok_path, trust_remote_code=trust)
+    if not getattr(cfg.align, "truncation", True):  # config field `truncation` (default true: TRL truncates)
+        for key in ("pref_train", "pref_eval"):
+            _, path = data_source(cfg, key)
+            if path is not None:
+                check_lengths(path, read_jsonl(path, "pref"), tokenizer, "align", cfg.align.max_length,
+                              cfg.align.max_prompt_length)
     model = load_causal_lm(sft_path, trust_remote_code=trust)
     ref_model = load_causal_lm(sft_path, trust_remote_code=trust)
     train, evald = _datasets(cfg, method)
@@ -148,19 +167,26 @@ def train_variant(cfg, method: str, optimizer_name: str, vdir) -> dict:
     logs = LastLogs()
     trainer = _trainer(cfg, method, model, ref_model, tokenizer, train, evald, optimizer, vdir,
                        [tensorboard_callback(vdir), logs])
+    # Through the Trainer's optimizer factory, not `optimizers=`: DeepSpeed would replace an optimizer
+    # passed in with its AdamW, and FSDP refuses one (taxfree.optim.trainer).
+    hand_optimizer_to_trainer(trainer, optimizer)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(vdir))
-    metrics = {"method": method, "optimizer": optimizer_name, "train_loss": result.training_loss,
+    metrics = {"method": method, "optimizer": optimizer_name, "train_loss": whole_run_train_loss(trainer, result),
+               "resumed_from_step": resumed_from_step(trainer),
                "steps": result.global_step, "train_examples": len(train)}
     metrics.update(numeric({k: v for k, v in logs.train.items() if "/" in k}, "train_"))
     if evald is not None:
         trainer.evaluate()
-        metrics.update(numeric(logs.eval))
+        # The manifest keeps what the model did: not timings, nor TRL's count of training tokens
+        # seen, which restarts from zero when a run resumes (it is not in the checkpoint).
+        metrics.update(numeric({k: v for k, v in logs.eval.items()
+                                if not k.endswith(("_runtime", "_per_second", "num_tokens"))}))
     # The KL-like statistic: mean log-ratio z = log pi - log pi_ref of chosen / rejected responses.
     for side in ("chosen", "rejected"):
         key = f"eval_rewards/{side}"
         if key in metrics and METHOD_BACKENDS[method].trainer == TRL_DPO:
             metrics[f"eval_logratio/{side}"] = metrics[key] / cfg.align.beta
-    save_model(trainer.model, tokenizer, vdir / "model")
+    save_model(trainer.model, tokenizer, vdir / "model", trainer=trainer)
     return metrics
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -63,7 +65,13 @@ def trainer_kwargs(section: TrainConfig, stage_dir: Path, seed: int) -> dict:
 
 
 def tensorboard_callback(stage_dir: Path):
-    """Trainer logs go to <stage>/tb (transformers 5 dropped `logging_dir`)."""
+    """Trainer logs go to <stage>/tb (transformers 5 dropped `logging_dir`); rank 0 logs, alone."""
+    from transformers import TrainerCallback
+
+    from taxfree.pipeline.runner import ranks
+
+    if not ranks().main:
+        return TrainerCallback()
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
@@ -71,12 +79,65 @@ def tensorboard_callback(stage_dir: Path):
 
 
 def last_checkpoint(stage_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint to resume from, or None.
 
-    ckpt = stage_dir / "checkpoints"
+    The Trainer writes `checkpoint-N/` in place and `trainer_state.json` last, so a process
+    killed while saving leaves a directory without it; resuming from that fails (or worse,
+    loads half a state). Such directories are removed and the previous complete one is used.
+    """
+    import re
+
+    ckpt = Path(stage_dir) / "checkpoints"
     if not ckpt.is_dir():
         return None
-    return get_last_checkpoint(str(ckpt))
+    complete = []
+    for d in ckpt.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if not m or not d.is_dir():
+            continue
+        if _readable_json(d / "trainer_state.json"):
+            complete.append((int(m.group(1)), d))
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    return str(max(complete)[1]) if complete else None
+
+
+def _readable_json(path: Path) -> bool:
+    import json
+
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def resumed_from_step(trainer) -> int:
+    """The step the last `train()` call started from: 0 for a fresh run, N after a resume from
+    checkpoint-N (recorded in the manifest, so a result says it was resumed)."""
+    return int(getattr(trainer, "_initial_global_step", 0) or 0)
+
+
+def whole_run_train_loss(trainer, result) -> float:
+    """Mean training loss over every step of the run, also when it resumed from a checkpoint.
+
+    transformers averages only the steps trained in the call that finished, so a resumed run
+    would report a different train_loss than an uninterrupted one; the steps before the resume
+    are in the checkpoint's log history, one entry per logging window. Exact when save_steps is
+    a multiple of logging_steps; otherwise the unlogged steps just before the checkpoint are left
+    out of the mean (their losses were never recorded).
+    """
+    start = resumed_from_step(trainer)
+    done = trainer.state.global_step - start
+    if start <= 0 or done <= 0:
+        return result.training_loss
+    before, logged = 0.0, 0
+    for entry in trainer.state.log_history:
+        step = entry.get("step")
+        if "loss" in entry and isinstance(step, int) and logged < step <= start:
+            before += entry["loss"] * (step - logged)
+            logged = step
+    return (before + result.training_loss * done) / (logged + done)
 
 
 def build_stage_optimizer(model, section: TrainConfig, ref=None, base=None, seed: int = 0):
@@ -107,16 +168,30 @@ def build_stage_optimizer(model, section: TrainConfig, ref=None, base=None, seed
         ref=ref,
         base=base,
         seed=seed,
+        # Under DeepSpeed each rank builds tau only for the partition it owns, at the first step.
+        defer_tau=os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true",
     )
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
-    """Safetensors model + tokenizer, atomically (a killed save leaves no `model/`)."""
-    with atomic_dir(out_dir, overwrite=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-            _classic_tokenizer_class(tmp)
+def save_model(model, tokenizer, out_dir: Path, trainer=None) -> None:
+    """Safetensors model + tokenizer, atomically (a killed save leaves no `model/`).
+
+    With `trainer` (call it on every rank): the full weights are gathered from the shards
+    (FSDP full state dict, ZeRO-3 16-bit gather; a collective) and rank 0 alone writes them.
+    """
+    from taxfree.pipeline.runner import ranks
+
+    r = ranks()
+    state_dict = None
+    if trainer is not None and r.world > 1:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if r.main:
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+                _classic_tokenizer_class(tmp)
+    r.barrier()
 
 
 def _classic_tokenizer_class(path: Path) -> None:
@@ -142,3 +217,44 @@ def finite(x) -> float | None:
 
 def section_dict(section) -> dict:
     return dataclasses.asdict(section)
+
+
+def _token_count(tokenizer, prompt, completion=None) -> int:
+    """Tokens of prompt (+ completion) as the trainers see them: chat messages through the chat
+    template, strings as they are."""
+    if isinstance(prompt, list):
+        messages = list(prompt) + (list(completion) if isinstance(completion, list) else
+                                   [{"role": "assistant", "content": completion}] if completion is not None else [])
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=completion is None)
+        else:
+            text = "\n".join(m["content"] for m in messages)
+    else:
+        text = prompt + (completion if isinstance(completion, str) else "")
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_lengths(path: str, records: list[dict], tokenizer, key: str, max_length: int,
+                  max_prompt_length: int | None = None) -> None:
+    """With `<key>.truncation: false`, an example the trainer would cut is an error naming it.
+
+    TRL truncates silently (keeping the start), so a prompt longer than max_length trains on a
+    response cut to nothing; this makes that a stop instead.
+    """
+    hint = f"(truncation is off: shorten it, raise {key}.max_length, or set {key}.truncation: true)"
+    for i, r in enumerate(records, start=1):
+        if "messages" in r:
+            pairs = [(r["messages"][:-1], r["messages"][-1:])]
+        elif "chosen" in r:
+            pairs = [(r["prompt"], r["chosen"]), (r["prompt"], r["rejected"])]
+        else:
+            pairs = [(r["prompt"], r.get("completion"))]
+        prompt = pairs[0][0]
+        if max_prompt_length is not None:
+            n = _token_count(tokenizer, prompt)
+            if n > max_prompt_length:
+                raise TaxfreeError(f"{path}: record {i}: the prompt is {n} tokens, longer than "
+                                   f"{key}.max_prompt_length = {max_prompt_length} {hint}")
+        n = max(_token_count(tokenizer, p, c) for p, c in pairs)
+        if n > max_length:
+            raise TaxfreeError(f"{path}: record {i}: {n} tokens, longer than {key}.max_length = {max_length} {hint}")

@@ -51,6 +51,7 @@ class EvalModel:
     identity: dict  # what makes this model this model: its manifest run_id or its files' hash
     aligned: str | None = None  # the align variant it belongs to
     aligned_weight: float | None = None
+    merge_mode: str | None = None  # linear | partwise, for merge points
 
 
 def reward_model_source(cfg):
@@ -66,15 +67,34 @@ def inputs(cfg) -> dict:
         "prompts": data_source(cfg, "eval_prompts"),
         "reward_model": reward_model_source(cfg),
     }
-    enabled = cfg.enabled_stages()
-    for stage in MODEL_STAGES:
-        if stage in enabled:
-            out[stage] = (stage, str(cfg.stage_dir(stage)))
+    for stage in finished_model_stages(cfg):
+        out[stage] = (stage, str(cfg.stage_dir(stage)))
     if cfg.evaluate.pairrm is not None:
         out["pairrm"] = (None, cfg.evaluate.pairrm)
     if cfg.world.kind == "tiny":
         out["tasks"] = ("world", str(world_files(world_dir(cfg)).knowledge_items))
     return out
+
+
+def preflight(cfg) -> None:
+    """Model ids name directories below the run (`evaluate/<id>/` is written): they cannot leave it.
+    The benchmark list is checked here too, before any stage runs."""
+    for mid in cfg.evaluate.models or []:
+        parts = mid.split("/")
+        if mid.startswith("/") or "\\" in mid or any(p in ("", ".", "..") for p in parts) \
+                or parts[0] not in ("sft", *MODEL_STAGES) or (parts[0] == "sft") != (len(parts) == 1):
+            raise TaxfreeError(f"{cfg.source}: evaluate.models: {mid!r} is not a model id of a run "
+                               "(sft, align/<variant>, merge/<point>, ama/<variant>)")
+    benchmark_tasks(cfg)
+
+
+def finished_model_stages(cfg) -> list[str]:
+    """The enabled model-making stages evaluate reads: align always (it must have finished), merge
+    and ama once they have a result. A run of a subset (`--stages sft,align,evaluate`) evaluates
+    what exists; running merge or ama later changes evaluate's key, and only their new models
+    are evaluated then (the others are cached)."""
+    enabled = cfg.enabled_stages()
+    return [s for s in MODEL_STAGES if s in enabled and (s == "align" or mf.read_manifest(cfg.stage_dir(s)) is not None)]
 
 
 def section(cfg) -> dict:
@@ -123,6 +143,8 @@ def run_models(cfg, ctx_inputs: dict) -> list[EvalModel]:
                 model.aligned = aligned if isinstance(aligned, str) else None
                 w = _lookup(m, "aligned_weight")
                 model.aligned_weight = float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else None
+                mode = _lookup(m, "mode")
+                model.merge_mode = mode if stage == "merge" and isinstance(mode, str) else None
             models.append(model)
     wanted = cfg.evaluate.models
     if wanted is not None:
@@ -151,9 +173,10 @@ def benchmark_tasks(cfg) -> list[BenchmarkTask]:
         if task in TINY_TASKS and cfg.world.kind != "tiny":
             raise TaxfreeError(f"{cfg.source}: evaluate.benchmarks: {task} exists only in the tiny world")
         metric = metric or ("acc" if task in TINY_TASKS else "")
-        tasks.append(BenchmarkTask(task.strip(), metric.strip(), to_percent=1.0 if metric in _PERCENT_METRICS else 100.0))
+        tasks.append(BenchmarkTask(task.strip(), metric.strip(), to_percent=1.0 if metric in _PERCENT_METRICS else 100.0,
+                                   executes_code=_runs_code(task.strip())))
     for ds in cfg.evaluate.opencompass:
-        tasks.append(BenchmarkTask(ds, "accuracy", runner="opencompass", to_percent=1.0))
+        tasks.append(BenchmarkTask(ds, "accuracy", runner="opencompass", to_percent=1.0, executes_code=_runs_code(ds)))
     seen, out = set(), []
     for t in tasks:
         if t.task not in seen:
@@ -164,6 +187,12 @@ def benchmark_tasks(cfg) -> list[BenchmarkTask]:
         raise TaxfreeError(f"{cfg.source}: evaluate.benchmarks: {', '.join(code)} run model-written code: "
                            "set evaluate.allow_code_execution: true (and run in a sandbox), or leave them out")
     return out
+
+
+def _runs_code(task: str) -> bool:
+    """A task named on its own (not through a suite) that executes model-written code."""
+    known = {t.task for suite in SUITES.values() for t in suite.tasks if t.executes_code}
+    return task in known or task.startswith(("humaneval", "mbpp"))
 
 
 def counted_metric(task: BenchmarkTask, results: dict) -> BenchmarkTask:
@@ -290,6 +319,7 @@ def evaluate_model(m: EvalModel, shared: _Shared, mdir: Path, sft_responses: lis
     if torch.cuda.is_available():
         model = model.to("cuda")
     row = {"id": m.id, "kind": m.kind, "path": m.path, "aligned": m.aligned, "aligned_weight": m.aligned_weight,
+           "merge_mode": m.merge_mode,
            "reward": None, "gold_reward": None, "pairrm_win_rate": None, "benchmarks": {}, "scores": {}}
 
     step("generate")
@@ -365,6 +395,9 @@ def run(ctx) -> dict:
     from taxfree.eval.report import build_report
 
     cfg = ctx.cfg
+    missing = [s for s in MODEL_STAGES if s in cfg.enabled_stages() and s not in ctx.inputs]
+    if missing:
+        log(f"evaluate: {', '.join(missing)} has not run; its models are not evaluated (run it, then evaluate again)")
     tasks = benchmark_tasks(cfg)
     models = run_models(cfg, ctx.inputs)
     shared = _Shared(ctx, tasks)

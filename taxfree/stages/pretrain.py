@@ -13,10 +13,10 @@ import torch
 
 from taxfree.data.records import read_jsonl
 from taxfree.errors import TaxfreeError
-from taxfree.models import tiny_llama
-from taxfree.models.load import load_tokenizer
+from taxfree.models.load import load_tokenizer, require_eos
 from taxfree.pipeline.resolve import data_source, tokenizer_source
-from taxfree.stages.common import last_checkpoint, save_model, tensorboard_callback, trainer_kwargs
+from taxfree.stages.common import (last_checkpoint, resumed_from_step, save_model, tensorboard_callback, trainer_kwargs,
+                                    whole_run_train_loss)
 
 
 def inputs(cfg) -> dict:
@@ -25,6 +25,11 @@ def inputs(cfg) -> dict:
         "train": data_source(cfg, "pretrain_train"),
         "eval": data_source(cfg, "pretrain_eval"),
     }
+
+
+def preflight(cfg) -> None:
+    if cfg.pretrain.optimizer.name != "adamw":
+        raise TaxfreeError(f"{cfg.source}: pretrain.optimizer.name: pretraining has no SFT/base pair to merge with; use adamw")
 
 
 def section(cfg) -> dict:
@@ -56,13 +61,17 @@ class _Blocks(torch.utils.data.Dataset):
 def run(ctx) -> dict:
     from transformers import Trainer, TrainingArguments
 
+    from taxfree.models import tiny_llama
+
     cfg, sec = ctx.cfg, ctx.cfg.pretrain
+    preflight(cfg)
     _, tok_path = tokenizer_source(cfg)
     _, train_path = data_source(cfg, "pretrain_train")
     _, eval_path = data_source(cfg, "pretrain_eval")
     if train_path is None or eval_path is None:
         raise TaxfreeError(f"{cfg.source}: data.pretrain_train: pretraining needs a corpus (the tiny world or data.pretrain_train/pretrain_eval)")
     tokenizer = load_tokenizer(tok_path)
+    require_eos(tokenizer, tok_path, "pretraining (it separates the packed documents)")
     train_blocks = pack([r["text"] for r in read_jsonl(train_path, "text")], tokenizer, sec.max_length)
     eval_blocks = pack([r["text"] for r in read_jsonl(eval_path, "text")], tokenizer, sec.max_length)
     if not train_blocks or not eval_blocks:
@@ -82,8 +91,6 @@ def run(ctx) -> dict:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    if sec.optimizer.name != "adamw":
-        raise TaxfreeError(f"{cfg.source}: pretrain.optimizer.name: pretraining has no SFT/base pair to merge with; use adamw")
     args = TrainingArguments(**trainer_kwargs(sec, ctx.dir, cfg.seed))
     trainer = Trainer(
         model=model,
@@ -100,7 +107,8 @@ def run(ctx) -> dict:
         "eval_loss_before": before,
         "eval_loss": after,
         "log_vocab": math.log(len(tokenizer)),
-        "train_loss": result.training_loss,
+        "train_loss": whole_run_train_loss(trainer, result),
+        "resumed_from_step": resumed_from_step(trainer),
         "steps": result.global_step,
         "train_blocks": len(train_blocks),
         "eval_blocks": len(eval_blocks),

@@ -14,7 +14,8 @@ from taxfree.errors import TaxfreeError
 from taxfree.models.load import load_tokenizer
 from taxfree.pipeline.resolve import data_source, sft_model_source, tokenizer_source
 from taxfree.stages.callbacks import LastLogs, numeric
-from taxfree.stages.common import last_checkpoint, save_model, tensorboard_callback, trainer_kwargs
+from taxfree.stages.common import (last_checkpoint, resumed_from_step, save_model, tensorboard_callback, trainer_kwargs,
+                                    whole_run_train_loss)
 
 
 def backbone_source(cfg):
@@ -110,7 +111,8 @@ def run(ctx) -> dict:
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.dir))
     if eval_records:
         metrics.update(pairwise_accuracy(trainer.model, tokenizer, eval_records, sec.eval_batch_size))
-    save_model(trainer.model, tokenizer, ctx.dir / "model")
+    save_model(trainer.model, tokenizer, ctx.dir / "model", trainer=trainer)
     metrics.update(numeric({k: v for k, v in logs.train.items() if k in ("accuracy", "margin")}, "train_"))
-    metrics.update(train_loss=result.training_loss, steps=result.global_step, train_pairs=len(train))
+    metrics.update(train_loss=whole_run_train_loss(trainer, result), steps=result.global_step, train_pairs=len(train),
+                   resumed_from_step=resumed_from_step(trainer))
     return metrics

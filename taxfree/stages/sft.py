@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 
+from taxfree.optim.trainer import hand_optimizer_to_trainer
 from taxfree.data.records import read_jsonl
 from taxfree.errors import TaxfreeError
 from taxfree.models.load import load_causal_lm, load_tokenizer
 from taxfree.pipeline.resolve import base_model_source, data_source, tokenizer_source
 from taxfree.stages.common import (
     build_stage_optimizer,
+    check_lengths,
     last_checkpoint,
+    resumed_from_step,
     save_model,
     tensorboard_callback,
     trainer_kwargs,
+    whole_run_train_loss,
 )
 
 
@@ -72,6 +76,9 @@ def run(ctx) -> dict:
     if train_path is None:
         raise TaxfreeError(f"{cfg.source}: data.sft_train: required by the sft stage")
     tokenizer = load_tokenizer(tok_path, trust_remote_code=trust)
+    if not getattr(sec, "truncation", True):  # config field `truncation` (default true: TRL truncates)
+        for path in filter(None, (train_path, eval_path)):
+            check_lengths(path, read_jsonl(path, "sft"), tokenizer, "sft", sec.max_length)
     train = load_sft_dataset(train_path)
     evald = load_sft_dataset(eval_path) if eval_path else None
     model = load_causal_lm(base_path, trust_remote_code=trust)
@@ -93,18 +100,19 @@ def run(ctx) -> dict:
         train_dataset=train,
         eval_dataset=evald,
         processing_class=tokenizer,
-        optimizers=(optimizer, None),
         callbacks=[tensorboard_callback(ctx.dir)],
     )
+    hand_optimizer_to_trainer(trainer, optimizer)  # works under DDP, FSDP2 and DeepSpeed ZeRO (taxfree.optim.trainer)
     metrics = {}
     if evald is not None:
         metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="eval_before")["eval_before_loss"]
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.dir))
     if evald is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    save_model(trainer.model, tokenizer, ctx.dir / "model")
+    save_model(trainer.model, tokenizer, ctx.dir / "model", trainer=trainer)
     metrics.update(
-        train_loss=result.training_loss,
+        train_loss=whole_run_train_loss(trainer, result),
+        resumed_from_step=resumed_from_step(trainer),
         steps=result.global_step,
         train_examples=len(train),
         eval_examples=len(evald) if evald is not None else 0,

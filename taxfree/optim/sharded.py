@@ -1,0 +1,123 @@
+"""Flat partitions that hold pieces of many tensors, and exact per-tensor reductions across ranks.
+
+DeepSpeed ZeRO hands the optimizer one flat fp32 tensor per group (or sub-group) and rank: the
+concatenation of this rank's pieces of the model's tensors. The online merging rules work per
+original tensor (OnDARE's L1 rescale, OnTIES's top-k and its rescale), so a `FlatLayout` says which
+entries of the flat tensor belong to which tensor, and where a tensor's entries are spread over
+ranks the per-tensor quantities are combined across them: L1 sums by an all-reduce, the top-k
+threshold by an exact radix select whose histograms are all-reduced (four rounds of 256 counts).
+Both give the values an unsharded run computes (sums up to fp64 summation order; the threshold
+bit for bit), so the kept entries are the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Segment:
+    """This rank's piece of one tensor:
+    flat[start : start + numel] == tensor.flatten()[offset : offset + numel]."""
+
+    tensor: int  # index into FlatLayout.names
+    start: int
+    numel: int
+    offset: int
+
+
+@dataclass
+class FlatLayout:
+    """What one flat partition holds. `names`, `numels`, `shapes` and `shared` list every tensor of
+    the partition's group in the same order on every rank (the collectives rely on it); `segments`
+    are the pieces on this rank (at most one per tensor)."""
+
+    names: list[str]
+    numels: list[int]
+    shapes: list[tuple[int, ...]]
+    shared: list[bool]  # the tensor's entries lie on more than one rank
+    segments: list[Segment]
+    process_group: Any  # torch.distributed group of the ranks that share the tensors (None: world)
+    rank: int
+    world: int
+    dtype: torch.dtype  # the model's dtype of these tensors (tau is kept in it by default)
+    device: torch.device  # of the partition: where the collectives' buffers live
+    seed_key: tuple[int, ...]  # distinguishes the masks of different partitions and ranks
+    originals: list[Any] = field(default_factory=list, repr=False)  # the model's tensors, by index
+
+    @property
+    def any_shared(self) -> bool:
+        return any(self.shared)
+
+
+def _all_reduce(tensor: Tensor, group: Any) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def tensor_sums(layout: FlatLayout, tensors: list[int], local: Tensor) -> Tensor:
+    """Per-tensor sums over all ranks. local[i] holds this rank's partial sums (one row of fp64
+    values) for tensor `tensors[i]`; every rank calls this together, with its own rows."""
+    columns = local.shape[1] if local.dim() == 2 else 1
+    device = layout.device
+    full = torch.zeros(len(layout.names), columns, dtype=torch.float64, device=device)
+    index = torch.tensor(tensors, dtype=torch.long, device=device)
+    if tensors:
+        full[index] = local.reshape(len(tensors), columns).to(device=device, dtype=torch.float64)
+    _all_reduce(full, layout.process_group)
+    return full[index]
+
+
+def kth_largest(
+    layout: FlatLayout, ks: dict[int, int], values: dict[int, Tensor]
+) -> dict[int, Tensor]:
+    """The k-th largest entry of each tensor over all ranks, exactly (ties included as kthvalue).
+
+    ks: {tensor index: k}, the same on every rank (k <= the tensor's numel). values: this rank's
+    entries of those tensors (flat, non-negative; absent or empty where it holds none; bf16 and
+    fp16 are widened to fp32 exactly).
+    Non-negative floats order like their bit patterns read as int32, so the threshold is found a
+    byte at a time from the top: each round every rank counts its candidates per byte value, the
+    counts are all-reduced, and the byte where the running count reaches k is fixed. Four rounds
+    fix all 32 bits; after the first, only entries whose high bytes match remain candidates.
+    """
+    order = sorted(ks)
+    if not order:
+        return {}
+    device = layout.device
+    need = torch.tensor([ks[t] for t in order], dtype=torch.int64, device=device)
+    prefix = torch.zeros(len(order), dtype=torch.int64, device=device)
+    empty = torch.zeros(0, dtype=torch.int32, device=device)
+    candidates = []
+    for t in order:
+        v = values.get(t)
+        if v is None or v.numel() == 0:
+            candidates.append(empty)
+        else:
+            if v.dtype in (torch.bfloat16, torch.float16):
+                v = v.float()
+            if v.dtype != torch.float32:
+                raise TypeError(f"kth_largest needs float32 magnitudes, got {v.dtype}")
+            candidates.append(v.contiguous().view(torch.int32))
+    for shift in (24, 16, 8, 0):
+        digits = [(c >> shift) & 255 for c in candidates]
+        counts = torch.zeros(len(order), 256, dtype=torch.int64, device=device)
+        for i, d in enumerate(digits):
+            if d.numel():
+                counts[i] = torch.bincount(d, minlength=256)
+        _all_reduce(counts, layout.process_group)
+        at_least = counts.flip(1).cumsum(1)  # [:, j]: entries whose byte is >= 255 - j
+        j = torch.argmax((at_least >= need.unsqueeze(1)).to(torch.int8), dim=1)
+        byte = 255 - j
+        reached = at_least.gather(1, j.unsqueeze(1)).squeeze(1)
+        need -= reached - counts.gather(1, byte.unsqueeze(1)).squeeze(1)  # minus those above
+        prefix |= byte << shift
+        chosen = byte.tolist()
+        candidates = [c[d == b] for c, d, b in zip(candidates, digits, chosen)]
+    thresholds = prefix.to(torch.int32).view(torch.float32)
+    return {t: thresholds[i] for i, t in enumerate(order)}
