@@ -179,6 +179,11 @@ class SampleStageConfig:
         _require(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")
 
 
+def variant_name(method: str, optimizer: str) -> str:
+    """The align variant of a method and an optimizer: its directory `align/<method>-<optimizer>/`."""
+    return f"{method}-{optimizer}"
+
+
 ALIGN_METHODS = ["dpo", "ipo", "hinge", "exo-pair", "kto", "kto-pair", "exo-pref", "exo-rw", "dpo-rw", "dpo-pref"]
 OPTIMIZER_NAMES = ["adamw", "ondare", "onties"]
 
@@ -276,7 +281,7 @@ class MergeStageConfig:
                 v = getattr(p, k)
                 _require(v is None or self.allow_extrapolation or 0.0 <= v <= 1.0, f"partwise[{i}].{k}",
                          f"{v} is outside [0, 1] (set allow_extrapolation: true to extrapolate)")
-        names = [p.name or f"partwise{i}" for i, p in enumerate(self.partwise)]
+        names = self.point_names()
         _require(len(set(names)) == len(names), "partwise", "two partwise settings have the same name")
         _require(self.aligned is None or len(self.aligned) >= 1, "aligned", "list at least one variant (or null for all)")
         try:
@@ -499,9 +504,12 @@ class ExperimentConfig:
             return True
         return self.ama.data is None and (self.stages is None or "ama" in self.stages)
 
-    def align_variants(self) -> list[str]:
-        """Names of the align stage's variants, `<method>-<optimizer>`."""
-        return [f"{m}-{o}" for m in self.align.methods for o in self.align.optimizers]
+    def align_variants(self, selected: list[str] | None = None) -> list[str]:
+        """Names of the align stage's variants, `<method>-<optimizer>`; or `selected` (a stage's
+        `aligned` list) when it is given."""
+        if selected is not None:
+            return list(selected)
+        return [variant_name(m, o) for m in self.align.methods for o in self.align.optimizers]
 
     def section(self, stage: str) -> dict:
         obj = getattr(self, stage, None)

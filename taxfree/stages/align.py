@@ -16,6 +16,7 @@ from taxfree.losses import METHOD_BACKENDS
 from taxfree.losses.methods import TAXFREE_CONTRASTIVE, TRL_DPO, TRL_KTO
 from taxfree.optim.trainer import hand_optimizer_to_trainer
 from taxfree.models.load import load_causal_lm, load_tokenizer
+from taxfree.pipeline.config import variant_name
 from taxfree.pipeline.resolve import base_model_source, data_source, sft_model_source, tokenizer_source
 from taxfree.pipeline.runner import run_variants
 from taxfree.stages.callbacks import LastLogs, numeric
@@ -24,10 +25,6 @@ from taxfree.stages.common import (build_stage_optimizer, check_lengths, last_ch
 
 KEEPS_VARIANTS = True
 RW_METHODS = ("exo-rw", "dpo-rw")
-
-
-def variant_name(method: str, optimizer: str) -> str:
-    return f"{method}-{optimizer}"
 
 
 def variants(cfg) -> dict[str, tuple[str, str]]:

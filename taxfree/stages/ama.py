@@ -18,14 +18,10 @@ from taxfree.data.records import read_jsonl
 from taxfree.errors import TaxfreeError
 from taxfree.pipeline.resolve import sft_model_source, tokenizer_source
 from taxfree.pipeline.runner import run_variants
-from taxfree.stages.merge import aligned_model
+from taxfree.stages.merge import aligned_model, aligned_model_dir
 
 KEEPS_VARIANTS = True
 STATE_NAME = "ama_state.safetensors"
-
-
-def aligned_variants(cfg) -> list[str]:
-    return list(cfg.ama.aligned) if cfg.ama.aligned is not None else cfg.align_variants()
 
 
 def data_source(cfg) -> tuple[str | None, str]:
@@ -65,7 +61,7 @@ def train_variant(cfg, variant: str, vdir) -> dict:
     _, sft_path = sft_model_source(cfg)
     _, tok_path = tokenizer_source(cfg)
     _, data_path = data_source(cfg)
-    aligned_path, _ = aligned_model(cfg, variant)
+    aligned_path = aligned_model_dir(cfg, variant)  # checked finished by variant_config
     records = read_jsonl(data_path, "sft")
     if not records:
         raise TaxfreeError(f"{data_path}: no records: AMA needs collected data to train on")
@@ -117,7 +113,7 @@ def train_variant(cfg, variant: str, vdir) -> dict:
 
 def run(ctx) -> dict:
     cfg = ctx.cfg
-    names = aligned_variants(cfg)
+    names = cfg.align_variants(cfg.ama.aligned)
     configs = {v: variant_config(cfg, v) for v in names}
     results = run_variants(ctx, configs, lambda name, vdir, resumed: train_variant(cfg, name, vdir),
                            inputs_of=lambda name: ["sft", "tokenizer", "data"])

@@ -12,6 +12,7 @@ only that variant's points. The merge itself is `taxfree.merging.merge_checkpoin
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from taxfree.errors import TaxfreeError
 from taxfree.merging import PartwiseWeights, merge_checkpoints, parse_blocks
@@ -21,11 +22,6 @@ from taxfree.pipeline.resolve import local_model_dir, sft_model_source
 from taxfree.pipeline.runner import run_variants
 
 KEEPS_VARIANTS = True
-
-
-def aligned_variants(cfg) -> list[str]:
-    """The align variants this stage (or `ama`, with its own section) works on."""
-    return list(cfg.merge.aligned) if cfg.merge.aligned is not None else cfg.align_variants()
 
 
 def inputs(cfg) -> dict:
@@ -41,20 +37,24 @@ def weight_label(w: float) -> str:
     return f"w{w:g}"
 
 
+def aligned_model_dir(cfg, variant: str) -> str:
+    return str(cfg.stage_dir("align") / variant / "model")
+
+
 def aligned_model(cfg, variant: str) -> tuple[str, str]:
-    """(model directory, run_id) of a finished align variant."""
+    """(model directory, run_id) of a finished align variant; an error naming the command otherwise."""
     vdir = cfg.stage_dir("align") / variant
     m = mf.read_manifest(vdir)
     if m is None or not (vdir / "model" / "config.json").is_file():
         raise TaxfreeError(f"align variant {variant} has not finished ({vdir}): run `taxfree run {cfg.source} --stages align`")
-    return str(vdir / "model"), m["run_id"]
+    return aligned_model_dir(cfg, variant), m["run_id"]
 
 
 def points(cfg) -> dict[str, dict]:
     """Every merge point: name -> the config that shapes it (recorded in its manifest)."""
     sec = cfg.merge
     out = {}
-    for variant in aligned_variants(cfg):
+    for variant in cfg.align_variants(sec.aligned):
         _, run_id = aligned_model(cfg, variant)
         for w in sec.aligned_weights:
             out[f"{variant}-{weight_label(w)}"] = {
@@ -79,12 +79,10 @@ def partwise_weights(point: dict) -> PartwiseWeights:
 def merge_point(cfg, point: dict, vdir) -> dict:
     _, sft_ref = sft_model_source(cfg)
     sft_dir = local_model_dir(sft_ref)
-    aligned_dir, _ = aligned_model(cfg, point["aligned"])
+    aligned_dir = aligned_model_dir(cfg, point["aligned"])  # checked finished when the points were listed
     out = vdir / "model"
     if (out / "config.json").is_file() and (out / "merge.json").is_file():
         # A resumed point whose model was renamed into place before the kill: the write is atomic.
-        import json
-
         summary = json.loads((out / "merge.json").read_text())
     else:
         summary = merge_checkpoints([sft_dir, aligned_dir], out, partwise=partwise_weights(point),
