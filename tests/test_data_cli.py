@@ -97,7 +97,7 @@ def test_download_script_usage_and_unknown_name_exit_2():
     assert usage.returncode == 2
     assert usage.stderr.startswith("usage: ")
     unknown = subprocess.run(["bash", str(script), "hh"], capture_output=True, text=True, env=ENV, timeout=60)
-    assert_one_error_line(unknown, "unknown data source 'hh' (choose from hh_rlhf, ultrafeedback_binarized, imdb, tldr, sharegpt)")
+    assert_one_error_line(unknown, "unknown data source 'hh' (choose from hh_rlhf, ultrafeedback_binarized, imdb, tldr, sharegpt, chitchat)")
 
 
 def test_add_data_subcommands_plugs_into_a_parent_cli(tmp_path, capsys):

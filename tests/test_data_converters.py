@@ -42,6 +42,7 @@ def test_registry_names_every_source_and_its_hub_location():
         "imdb": ("stanfordnlp/imdb", None, {"train": "train", "test": "test"}),
         "tldr": ("openai/summarize_from_feedback", "comparisons", {"train": "train", "validation": "test"}),
         "sharegpt": ("Open-Orca/SlimOrca-Dedup", None, {"train": None}),
+        "chitchat": (None, None, {}),  # the PyPI package chitchat-dataset (scripts/fetch_smol.sh)
     }
 
 

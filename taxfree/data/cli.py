@@ -2,6 +2,7 @@
 
     taxfree data convert SOURCE INPUT [INPUT ...] OUTPUT [--test-fraction F] [--seed S] [--force]
     taxfree data validate KIND FILE
+    taxfree data probes OUTPUT [--seed S] [--force]
     taxfree data download NAME [--out data/NAME] [--limit N] [--test-fraction F] [--seed S] [--force]
 
 An INPUT written `train=PATH` or `test=PATH` keeps that upstream split; plain paths are split
@@ -42,6 +43,13 @@ def add_data_subcommands(subparsers) -> None:
     validate = subparsers.add_parser("validate", help="check a record file and name its first bad line")
     validate.add_argument("kind", metavar="KIND", help=f"record kind the file must hold: {', '.join(RECORD_KINDS)}")
     validate.add_argument("file", help="JSONL file")
+
+    probes = subparsers.add_parser(
+        "probes", help="write the offline general-ability probes (multiple choice) for evaluate.local_tasks",
+    )
+    probes.add_argument("output", metavar="OUTPUT", help="output directory (must not exist or be empty)")
+    probes.add_argument("--seed", type=int, default=0, help="seed of the distractors and their order (default 0)")
+    probes.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
     download = subparsers.add_parser("download", help="download a public data set with `datasets` and convert it")
     download.add_argument("name", metavar="NAME", help=f"data set to download: {', '.join(SOURCES)}")
@@ -95,6 +103,13 @@ def run_data(args: argparse.Namespace) -> int:
         records = read_jsonl(args.file, kind=args.kind)
         print(f"{args.file}: {len(records)} {args.kind} records ok")
         return 0
+    if args.data_command == "probes":
+        from taxfree.data.probes import write_probes
+
+        for name, n in write_probes(args.output, seed=args.seed, overwrite=args.force).items():
+            print(f"  {name + '.jsonl':<26} {n:>6}")
+        print(args.output)
+        return 0
     if args.data_command == "download":
         from taxfree.data.converters.hub import download
 
@@ -104,12 +119,12 @@ def run_data(args: argparse.Namespace) -> int:
         )
         print(result.describe(out))
         return 0
-    raise TaxfreeError("data: choose an action: convert, validate or download (see taxfree data --help)")
+    raise TaxfreeError("data: choose an action: convert, validate, probes or download (see taxfree data --help)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="taxfree data", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="data_command", metavar="{convert,validate,download}")
+    commands = parser.add_subparsers(dest="data_command", metavar="{convert,validate,probes,download}")
     commands.required = True
     add_data_subcommands(commands)
     args = parser.parse_args(argv)

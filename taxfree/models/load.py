@@ -50,6 +50,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
         tok.pad_token = tok.eos_token
     if padding_side is not None:
         tok.padding_side = padding_side
+    from taxfree.models.chat_templates import apply_run_chat_template
+
+    apply_run_chat_template(tok)  # models.chat_template, for tokenizers that have none
     return tok
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
-from taxfree.errors import ConfigError
+from taxfree.errors import ConfigError, TaxfreeError
 from taxfree.pipeline.schema import build_dataclass, nearest, to_dict
 
 STAGE_ORDER = ["world", "pretrain", "sft", "rm", "sample", "align", "merge", "ama", "evaluate", "report"]
@@ -343,6 +344,26 @@ class AmaStageConfig:
 
 
 @dataclass
+class LocalTaskConfig:
+    """A benchmark kept in a local JSONL file, scored by lm-eval like a public one
+    (taxfree.eval.local_tasks has the record shapes). Name it in `evaluate.benchmarks`."""
+
+    name: str = ""
+    kind: Literal["multiple_choice", "exact_match"] = "multiple_choice"
+    data: str = ""  # the test items
+    fewshot: str | None = None  # few-shot examples (never drawn from the test items)
+    num_fewshot: int = 0
+
+    def check(self):
+        _require(bool(re.match(r"^[A-Za-z][A-Za-z0-9_\-]*$", self.name)), "name",
+                 "letters, digits, '_' or '-', starting with a letter")
+        _require(bool(self.data), "data", "the JSONL file of the test items is required")
+        _require(self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
+        _require(self.num_fewshot == 0 or self.fewshot is not None, "fewshot",
+                 "num_fewshot > 0 needs a fewshot file (examples are never drawn from the test items)")
+
+
+@dataclass
 class EvaluateStageConfig:
     """Reward and alignment tax of every model the run made (ALGORITHMS.md 5).
 
@@ -363,9 +384,11 @@ class EvaluateStageConfig:
     reward_batch_size: int = 16
     pairrm: str | None = None  # null = off; a PairRM-hf directory or hub id
     pairrm_batch_size: int = 8
-    # lm-eval task names ("task" or "task:metric") or suite names (taxfree.eval.SUITES);
-    # null = the tiny world's local tasks (tiny_knowledge, tiny_arithmetic), none otherwise.
+    # lm-eval task names ("task" or "task:metric"), suite names (taxfree.eval.SUITES) or names
+    # of local_tasks; null = the tiny world's tasks (tiny_knowledge, tiny_arithmetic) and every
+    # local task.
     benchmarks: list[str] | None = None
+    local_tasks: list[LocalTaskConfig] = field(default_factory=list)
     limit: int | None = None  # items per benchmark; null = all
     benchmark_batch_size: int = 16
     opencompass: list[str] = field(default_factory=list)  # OpenCompass datasets (math401, ds1000)
@@ -385,6 +408,8 @@ class EvaluateStageConfig:
         for b in self.benchmarks or []:
             _require(bool(b.strip()) and b.count(":") <= 1, "benchmarks", f"{b!r}: expected 'task', 'task:metric' or a suite name")
         _require(len(set(self.opencompass)) == len(self.opencompass), "opencompass", "a dataset is listed twice")
+        names = [t.name for t in self.local_tasks]
+        _require(len(set(names)) == len(names), "local_tasks", "two local tasks have the same name")
 
 
 @dataclass
@@ -434,6 +459,9 @@ class ModelsConfig:
     sft: str | None = None
     tokenizer: str | None = None
     trust_remote_code: bool = False
+    # For tokenizers without one (base models, encoder reward backbones): `plain`, `chatml`, a
+    # Jinja template or a .jinja file (taxfree.models.chat_templates). Tokenizers with their own keep it.
+    chat_template: str | None = None
 
 
 @dataclass
@@ -596,6 +624,17 @@ def _check_paths(cfg: ExperimentConfig) -> None:
                 raise ConfigError(f"{src}: {stage}.optimizer.{key}: model directory not found: {value}")
     if cfg.ama.data is not None and not Path(cfg.ama.data).is_file():
         raise ConfigError(f"{src}: ama.data: file not found: {cfg.ama.data}")
+    for i, task in enumerate(cfg.evaluate.local_tasks):
+        for key in ("data", "fewshot"):
+            value = getattr(task, key)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"{src}: evaluate.local_tasks[{i}].{key}: file not found: {value}")
+    from taxfree.models.chat_templates import resolve_chat_template
+
+    try:
+        resolve_chat_template(cfg.models.chat_template)
+    except TaxfreeError as e:
+        raise ConfigError(f"{src}: models.chat_template: {e}") from None
 
 
 def _check_consistency(cfg: ExperimentConfig) -> None:
@@ -668,6 +707,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     for key in ("base", "sft", "tokenizer"):
         setattr(cfg.models, key, _resolve_path(cfg, getattr(cfg.models, key)))
     cfg.ama.data = _resolve_path(cfg, cfg.ama.data)
+    for task in cfg.evaluate.local_tasks:
+        task.data, task.fewshot = _resolve_path(cfg, task.data), _resolve_path(cfg, task.fewshot)
     _check_consistency(cfg)
     _check_paths(cfg)
     return cfg

@@ -141,7 +141,13 @@ class Runner:
 
     def stage_key(self, stage: str, planned: list[str]) -> str:
         module = stage_module(stage)
-        return mf.hash_obj({"stage": stage, "config": module.section(self.cfg), "inputs": self.stage_inputs(stage, planned)})
+        return mf.hash_obj(self._key_parts(stage, module.section(self.cfg), self.stage_inputs(stage, planned)))
+
+    def _key_parts(self, stage: str, section: dict, inputs: dict) -> dict:
+        parts = {"stage": stage, "config": section, "inputs": inputs}
+        if self.cfg.models.chat_template is not None:  # it changes every rendered conversation
+            parts["chat_template"] = self.cfg.models.chat_template
+        return parts
 
     # -- running ----------------------------------------------------------------------------
     def run(self, stages: list[str] | None = None) -> dict[str, dict]:
@@ -157,9 +163,12 @@ class Runner:
         self._fresh = {}
         results = {}
         created = _missing_parents(self.cfg.root)
+        from taxfree.models.chat_templates import resolve_chat_template, run_chat_template
+
         try:
-            for stage in planned:
-                results[stage] = self.run_stage(stage, planned)
+            with run_chat_template(resolve_chat_template(self.cfg.models.chat_template)):
+                for stage in planned:
+                    results[stage] = self.run_stage(stage, planned)
         except TaxfreeError:
             _remove_if_empty(created)  # a first run that failed leaves no empty runs/<name>/ behind
             raise
@@ -171,7 +180,7 @@ class Runner:
         stage_dir = cfg.stage_dir(stage)
         inputs = self.stage_inputs(stage, planned)
         section = module.section(cfg)
-        key = mf.hash_obj({"stage": stage, "config": section, "inputs": inputs})
+        key = mf.hash_obj(self._key_parts(stage, section, inputs))
         old = mf.read_manifest(stage_dir)
         if old is not None and old.get("key") == key and not self.force:
             log(f"{stage}: up to date ({stage_dir})")
@@ -313,7 +322,10 @@ def run_variants(ctx: StageContext, variants: dict[str, dict], fn, inputs_of=Non
     for name, vconfig in variants.items():
         vdir = ctx.dir / name
         vinputs = ctx.inputs if inputs_of is None else {k: ctx.inputs[k] for k in inputs_of(name) if k in ctx.inputs}
-        key = mf.hash_obj({"stage": ctx.name, "variant": name, "config": vconfig, "inputs": vinputs})
+        parts = {"stage": ctx.name, "variant": name, "config": vconfig, "inputs": vinputs}
+        if ctx.cfg.models.chat_template is not None:
+            parts["chat_template"] = ctx.cfg.models.chat_template
+        key = mf.hash_obj(parts)
         old = mf.read_manifest(vdir)
         if old is not None and old.get("key") == key and not ctx.force:
             log(f"{ctx.name}/{name}: up to date")

@@ -61,7 +61,63 @@ def trainer_kwargs(section: TrainConfig, stage_dir: Path, seed: int) -> dict:
         disable_tqdm=False,
         save_only_model=False,
         **precision_flags(section.precision),
+        **deepspeed_cpu_kwargs(),
     )
+
+
+def deepspeed_launch() -> bool:
+    """True in a process started by `accelerate launch` with a DeepSpeed config (configs/accelerate/zero*.yaml)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def deepspeed_cpu_kwargs() -> dict:
+    """What a DeepSpeed launch needs to run in CPU processes (no GPU: tests, debugging); {} elsewhere.
+
+    - `use_cpu=True`: the process group is gloo's. Without it accelerate 1.15 finds no backend for a
+      DeepSpeed process without a GPU and takes every process for rank 0 of a world of one (DeepSpeed
+      then stops: "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size").
+    - ACCELERATE_USE_CPU=true is refused: accelerate then drops DeepSpeed silently and trains as DDP.
+    - DeepSpeed's communication setup probes every op of its own for compatibility (compiler runs)
+      and JIT-builds a shared-memory all-reduce for the CPU (minutes; only its inference all-reduce
+      uses it): no op is marked compatible, so nothing is compiled and collectives go through gloo.
+    """
+    if not deepspeed_launch() or torch.cuda.is_available():
+        return {}
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        raise TaxfreeError("ACCELERATE_USE_CPU=true with a DeepSpeed launch: accelerate would train without DeepSpeed "
+                           "(as DDP); unset it, DeepSpeed runs on CPU processes without it")
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):  # not probed yet (deepspeed.ops computes it on first access)
+        deepspeed.ops.__compatible_ops__ = {}
+    return {"use_cpu": True}
+
+
+def evaluate_before_training(trainer, **kwargs) -> dict:
+    """`trainer.evaluate(**kwargs)` on the model as loaded, before `train()`, under every backend.
+
+    Under DeepSpeed transformers evaluates a model not yet trained through a ZeRO inference
+    engine. ZeRO-1/2 have none ("ZeRO inference only makes sense with ZeRO Stage 3"): their
+    model is whole on every rank, so it is evaluated as under DDP. Under ZeRO-3 the inference
+    engine would then be taken by `train()` for its own (it wraps nothing more and fails at the
+    first backward): the engine is taken apart after the evaluation, so that `train()` builds
+    the training engine (with the ZeRO optimizer) as it does without an evaluation before.
+    """
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return trainer.evaluate(**kwargs)
+    if not trainer.accelerator.state.deepspeed_plugin.hf_ds_config.is_zero3():
+        trainer.is_deepspeed_enabled = False
+        try:
+            return trainer.evaluate(**kwargs)
+        finally:
+            trainer.is_deepspeed_enabled = True
+    metrics = trainer.evaluate(**kwargs)
+    engine = trainer.model_wrapped
+    if engine is not trainer.model:
+        engine.destroy()  # its ZeRO-3 hooks on the model's modules; the parameters stay partitioned
+        trainer.model_wrapped = trainer.model
+        trainer.deepspeed = None
+    return metrics
 
 
 def tensorboard_callback(stage_dir: Path):
@@ -75,7 +131,16 @@ def tensorboard_callback(stage_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(stage_dir / "tb")))
+    class _OneLog(TensorBoardCallback):
+        """transformers closes the writer when train() ends and opens a new one, in
+        <output_dir>/runs/<date>_<host>, for an evaluation after it: kept open here, so those
+        metrics land in <stage>/tb as well (each log is flushed)."""
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.tb_writer is not None:
+                self.tb_writer.flush()
+
+    return _OneLog(tb_writer=SummaryWriter(log_dir=str(stage_dir / "tb")))
 
 
 def last_checkpoint(stage_dir: Path) -> str | None:
@@ -169,7 +234,7 @@ def build_stage_optimizer(model, section: TrainConfig, ref=None, base=None, seed
         base=base,
         seed=seed,
         # Under DeepSpeed each rank builds tau only for the partition it owns, at the first step.
-        defer_tau=os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true",
+        defer_tau=deepspeed_launch(),
     )
 
 

@@ -73,6 +73,10 @@ def inputs(cfg) -> dict:
         out["pairrm"] = (None, cfg.evaluate.pairrm)
     if cfg.world.kind == "tiny":
         out["tasks"] = ("world", str(world_files(world_dir(cfg)).knowledge_items))
+    for t in cfg.evaluate.local_tasks:  # their items are inputs: an edited file re-evaluates
+        out[f"task:{t.name}"] = (None, t.data)
+        if t.fewshot is not None:
+            out[f"task:{t.name}:fewshot"] = (None, t.fewshot)
     return out
 
 
@@ -162,8 +166,9 @@ def run_models(cfg, ctx_inputs: dict) -> list[EvalModel]:
 def benchmark_tasks(cfg) -> list[BenchmarkTask]:
     """Suites expanded, `task:metric` split, OpenCompass datasets appended; each task once."""
     names = cfg.evaluate.benchmarks
+    local = {t.name: t for t in cfg.evaluate.local_tasks}
     if names is None:
-        names = list(TINY_TASKS) if cfg.world.kind == "tiny" else []
+        names = (list(TINY_TASKS) if cfg.world.kind == "tiny" else []) + list(local)
     tasks: list[BenchmarkTask] = []
     for name in names:
         if name in SUITES:
@@ -172,6 +177,8 @@ def benchmark_tasks(cfg) -> list[BenchmarkTask]:
         task, _, metric = name.partition(":")
         if task in TINY_TASKS and cfg.world.kind != "tiny":
             raise TaxfreeError(f"{cfg.source}: evaluate.benchmarks: {task} exists only in the tiny world")
+        if task in local and not metric:
+            metric = "acc" if local[task].kind == "multiple_choice" else "exact_match"
         metric = metric or ("acc" if task in TINY_TASKS else "")
         tasks.append(BenchmarkTask(task.strip(), metric.strip(), to_percent=1.0 if metric in _PERCENT_METRICS else 100.0,
                                    executes_code=_runs_code(task.strip())))
@@ -250,14 +257,21 @@ class _Shared:
 
     def include_path(self) -> str | None:
         """The tiny world's items as lm-eval local tasks, written once per stage run."""
-        local = [t.task for t in self.tasks if t.task in TINY_TASKS]
+        configured = {t.name: t for t in self.sec.local_tasks}
+        local = [t.task for t in self.tasks if t.task in TINY_TASKS or t.task in configured]
         if not local:
             return None
         if self._include is None:
             from taxfree.eval.local_tasks import LocalTaskSpec, write_local_tasks
 
-            files = world_files(world_dir(self.cfg))
-            specs = [LocalTaskSpec(t, "multiple_choice", getattr(files, TINY_TASKS[t])) for t in local]
+            specs = []
+            for name in local:
+                if name in configured:
+                    c = configured[name]
+                    specs.append(LocalTaskSpec(name, c.kind, c.data, num_fewshot=c.num_fewshot, fewshot_path=c.fewshot))
+                else:
+                    files = world_files(world_dir(self.cfg))
+                    specs.append(LocalTaskSpec(name, "multiple_choice", getattr(files, TINY_TASKS[name])))
             self._include = write_local_tasks(self.ctx.dir / _TASKS_DIR, specs)
         return self._include
 

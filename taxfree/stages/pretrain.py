@@ -15,8 +15,8 @@ from taxfree.data.records import read_jsonl
 from taxfree.errors import TaxfreeError
 from taxfree.models.load import load_tokenizer, require_eos
 from taxfree.pipeline.resolve import data_source, tokenizer_source
-from taxfree.stages.common import (last_checkpoint, resumed_from_step, save_model, tensorboard_callback, trainer_kwargs,
-                                    whole_run_train_loss)
+from taxfree.stages.common import (evaluate_before_training, last_checkpoint, resumed_from_step, save_model,
+                                    tensorboard_callback, trainer_kwargs, whole_run_train_loss)
 
 
 def inputs(cfg) -> dict:
@@ -99,7 +99,7 @@ def run(ctx) -> dict:
         eval_dataset=_Blocks(eval_blocks),
         callbacks=[tensorboard_callback(ctx.dir)],
     )
-    before = trainer.evaluate(metric_key_prefix="eval_before")["eval_before_loss"]
+    before = evaluate_before_training(trainer, metric_key_prefix="eval_before")["eval_before_loss"]
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.dir))
     after = trainer.evaluate()["eval_loss"]
     save_model(trainer.model, tokenizer, ctx.dir / "model")

@@ -75,6 +75,7 @@ def pairwise_accuracy(model, tokenizer, records: list[dict], batch_size: int) ->
 
 
 def run(ctx) -> dict:
+    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     cfg, sec = ctx.cfg, ctx.cfg.rm
@@ -86,6 +87,10 @@ def run(ctx) -> dict:
     if train_path is None:
         raise TaxfreeError(f"{cfg.source}: data.pref_train: required by the rm stage")
     tokenizer = load_tokenizer(tok_path, trust_remote_code=trust)
+    # The new scalar head is drawn from the global RNG: seeded here, it is the same whatever ran
+    # before in this process (all stages in one run, or rm alone after its upstream was skipped),
+    # so a resumed run's "before" metrics and a re-run's weights match an uninterrupted run's.
+    set_seed(cfg.seed)
     model = load_reward_backbone(backbone, tokenizer, trust)
     train = pairs_dataset(train_path)
     eval_records = read_jsonl(eval_path, "pref") if eval_path else []

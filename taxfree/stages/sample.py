@@ -3,7 +3,11 @@
 Writes `rw.jsonl` (EXO's reward-labelled format: what exo-rw and dpo-rw train on) and
 `collected.jsonl` (the best-of-K completion per prompt as SFT records: AMA's "collected" data).
 Work is done in chunks of prompts, each written atomically with its own seed, so a killed run
-continues at the first missing chunk and nothing is sampled twice.
+continues at the first missing chunk and nothing is sampled twice. A chunk's samples depend only
+on the experiment seed, the chunk's index and prompts and the sampling settings (all in the
+stage key), not on the chunks before it, so on the same device a resumed run's chunks,
+`rw.jsonl` and `collected.jsonl` are byte for byte an uninterrupted run's (tested by
+tests/test_kill_resume.py). Both files are written atomically at the end, before the manifest.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from taxfree.pipeline.resolve import base_model_source, data_source, tokenizer_s
 from taxfree.stages.common import (
     build_stage_optimizer,
     check_lengths,
+    evaluate_before_training,
     last_checkpoint,
     resumed_from_step,
     save_model,
@@ -105,7 +106,8 @@ def run(ctx) -> dict:
     hand_optimizer_to_trainer(trainer, optimizer)  # works under DDP, FSDP2 and DeepSpeed ZeRO (taxfree.optim.trainer)
     metrics = {}
     if evald is not None:
-        metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="eval_before")["eval_before_loss"]
+        before = evaluate_before_training(trainer, metric_key_prefix="eval_before")  # also under DeepSpeed ZeRO
+        metrics["eval_loss_before"] = before["eval_before_loss"]
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.dir))
     if evald is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]

@@ -76,8 +76,10 @@ def read_upstream(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     suffix = _suffix(path)
     if suffix == ".parquet":
         yield from _read_parquet(path)
-    elif suffix in (".json", ".json.gz") and _starts_with_bracket(path):
-        yield from _read_json_array(path)
+    elif suffix in (".json", ".json.gz") and _first_char(path) == "[":
+        yield from _read_json_document(path)
+    elif suffix in (".json", ".json.gz") and _is_id_mapping(path):
+        yield from _read_json_document(path)
     elif suffix:
         for lineno, row in iter_jsonl(path):
             yield f"{path}:{lineno}", row
@@ -85,19 +87,34 @@ def read_upstream(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
         raise TaxfreeError(f"{path}: unknown upstream file type (expected one of {', '.join(UPSTREAM_SUFFIXES)})")
 
 
-def _starts_with_bracket(path: Path) -> bool:
+def _first_char(path: Path) -> str:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             while True:
                 chunk = f.read(1)
                 if not chunk or not chunk.isspace():
-                    return chunk == "["
+                    return chunk
     except (OSError, UnicodeDecodeError) as exc:
         raise TaxfreeError(f"{path}: unreadable ({exc})") from None
 
 
-def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
+def _is_id_mapping(path: Path) -> bool:
+    """One JSON object of id -> row (chitchat's dataset.json), not JSON lines that happen to be
+    named .json (TL;DR's batches): the whole file parses as one object whose values are all objects."""
+    if _first_char(path) != "{":
+        return False
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return False  # JSON lines (or broken: the line reader names the bad line)
+    return isinstance(doc, dict) and bool(doc) and all(isinstance(v, dict) for v in doc.values())
+
+
+def _read_json_document(path: Path) -> Iterator[tuple[str, object]]:
+    """A JSON array of rows, or an object of id -> row (the row gets its id as "id")."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -106,6 +123,10 @@ def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
         raise TaxfreeError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TaxfreeError(f"{path}: unreadable ({exc})") from None
+    if isinstance(items, dict):
+        for key, row in items.items():
+            yield f"{path}: {key}", ({"id": key, **row} if isinstance(row, dict) else row)
+        return
     for i, row in enumerate(items):
         yield f"{path}: item {i + 1}", row
 
@@ -167,12 +188,20 @@ def convert_rows(
         reasons = "; ".join(f"{n} {r}" for r, n in result.skipped.most_common())
         raise TaxfreeError(f"{source.name}: all {result.rows} upstream rows were skipped ({reasons})")
 
+    if source.combine is not None:  # split row by row, then pair within each split
+        converted = [(split, f"row {i}", outputs) for i, (split, _, outputs) in enumerate(converted)]
     unsplit = list(dict.fromkeys(key for split, key, _ in converted if split is None))
     test = _test_groups(unsplit, test_fraction, seed)
     for split, key, outputs in converted:
         split = split or ("test" if key in test else "train")
         for kind, recs in outputs.items():
             result.records[split].setdefault(kind, []).extend(recs)
+    if source.combine is not None:
+        for split in SPLITS:
+            candidates = [c for recs in result.records[split].values() for c in recs]
+            result.records[split] = {k: v for k, v in source.combine(candidates, seed).items() if v}
+        if not result.records["train"]:
+            raise TaxfreeError(f"{source.name}: the {result.rows} upstream rows made no training records")
     return result
 
 

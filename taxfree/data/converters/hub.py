@@ -24,6 +24,9 @@ def download(
 ) -> ConversionResult:
     """Download `name` (a key of SOURCES) into out_dir (default data/<name>); `limit` rows per split."""
     source = get_source(name)
+    if source.hub_id is None:
+        raise TaxfreeError(f"{name} is not on the hub: fetch its upstream file and run `taxfree data convert {name} FILE OUT` "
+                           "(for chitchat: `make smol-assets`)")
     out_dir = Path(out_dir) if out_dir is not None else Path("data") / name
     if limit is not None and limit < 1:
         raise TaxfreeError(f"--limit must be at least 1, got {limit}")
