@@ -1,5 +1,6 @@
 """Reward scoring: batched scores equal each pair's score alone, whatever the padding."""
 
+import re
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -132,3 +133,48 @@ def test_score_positions_handle_left_and_right_padding():
     assert _score_positions(ids, mask, pad_token_id=pad).tolist() == [3, 5, 5]
     assert _score_positions(ids, mask, pad_token_id=eos).tolist() == [2, 4, 4]  # pad == eos: token before eos
     assert _score_positions(ids, mask, pad_token_id=None).tolist() == [3, 5, 5]
+
+
+def _two_label_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        pad_token_id=0)).eval()
+
+
+def test_a_classifier_label_scores_that_class_logit_at_the_last_token():
+    from helpers_tokenizer import char_tokenizer
+
+    from taxfree.eval.reward import resolve_reward_label, score_with_reward_model
+
+    model, tok = _two_label_classifier(), char_tokenizer()
+    prompts, responses = ["good film", "bad"], [" loved it", " hated every minute"]
+    scores = score_with_reward_model(model, tok, prompts, responses, batch_size=2, progress=False,
+                                     label=resolve_reward_label(model, "Positive"))
+    for p, r, s in zip(prompts, responses, scores):  # each pair alone, unpadded: the logit at its last token
+        ids = torch.tensor([tok(p + r + tok.eos_token)["input_ids"]])
+        with torch.no_grad():
+            assert s == pytest.approx(model(input_ids=ids).logits[0, 1].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("label,expected", [("POSITIVE", 1), ("negative", 0), ("1", 1), (0, 0)])
+def test_reward_label_by_name_or_index(label, expected):
+    from taxfree.eval.reward import resolve_reward_label
+
+    assert resolve_reward_label(_two_label_classifier(), label) == expected
+
+
+@pytest.mark.parametrize("label,message", [
+    (None, "a classifier with 2 labels (NEGATIVE, POSITIVE): name the class"),
+    ("neutral", "reward_label 'neutral': not a label of the model (has: NEGATIVE, POSITIVE)"),
+    ("2", "reward_label 2: the model has 2 labels (0..1)"),
+])
+def test_reward_label_errors(label, message):
+    from taxfree.errors import TaxfreeError
+    from taxfree.eval.reward import resolve_reward_label
+
+    with pytest.raises(TaxfreeError, match=re.escape(message)):
+        resolve_reward_label(_two_label_classifier(), label)

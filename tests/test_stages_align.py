@@ -188,3 +188,55 @@ def test_online_merging_optimizers_in_the_align_stage(upto_rm, optimizer):
     Runner(load_config(path, sets2)).run(["align"])
     c = load_file(str(root / "align" / f"dpo-{optimizer}" / "model" / "model.safetensors"))
     assert any(not torch.allclose(a[k], c[k], atol=1e-4) for k in a)
+
+
+def _sentiment_classifier(root, out):
+    """A two-label classifier (NEGATIVE, POSITIVE) on the run's tokenizer: EXO-IMDB's reward shape."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(str(root / "rm" / "model"))
+    torch.manual_seed(3)
+    clf = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                     num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                                                     label2id={"NEGATIVE": 0, "POSITIVE": 1},
+                                                     pad_token_id=tok.pad_token_id))
+    clf.save_pretrained(out)
+    tok.save_pretrained(out)
+    return clf.eval(), tok
+
+
+def test_sample_and_evaluate_score_with_a_classifier_label(upto_rm, tmp_path):
+    """sample.reward_model + reward_label: the rewards are the named class's logit of a classifier
+    (EXO on IMDB), not the run's rm; the rm stage is not needed at all."""
+    from taxfree.data.tiny_world import world_files
+    from taxfree.eval.reward import score_with_reward_model
+
+    _, _, root = upto_rm
+    clf, tok = _sentiment_classifier(root, tmp_path / "clf")
+    files = world_files(root / "world" / "data")
+    data = {"name": "clf", "run_dir": str(tmp_path / "runs"), "stages": ["sample", "evaluate"],
+            "world": {"kind": "none"},
+            "models": {"base": str(root / "pretrain" / "model"), "sft": str(root / "sft" / "model")},
+            "data": {"pref_train": str(files.pref_train), "eval_prompts": str(files.eval_prompts)},
+            "sample": {"num_completions": 2, "max_new_tokens": 16, "max_prompts": 6, "chunk_size": 6,
+                       "reward_model": str(tmp_path / "clf"), "reward_label": "positive"},
+            "evaluate": {"reward_model": str(tmp_path / "clf"), "reward_label": "1", "max_prompts": 4,
+                         "max_new_tokens": 8, "benchmarks": []}}
+    path = tmp_path / "clf.yaml"
+    path.write_text(json.dumps(data))
+    Runner(load_config(path)).run()
+    out = tmp_path / "runs" / "clf"
+    rw = read_jsonl(out / "sample" / "rw.jsonl", "rw")
+    assert len(rw) == 6
+    prompts = [r["prompt"] for r in rw for _ in r["completions"]]
+    texts = [completion_text(c) for r in rw for c in r["completions"]]
+    expected = score_with_reward_model(clf, tok, prompts, texts, progress=False, label=1)
+    assert [x for r in rw for x in r["rewards"]] == pytest.approx(expected, abs=1e-5)
+    negative = score_with_reward_model(clf, tok, prompts, texts, progress=False, label=0)
+    assert negative != pytest.approx(expected, abs=1e-3)  # the label picks a column that matters
+    results = json.loads((out / "evaluate" / "sft" / "results.json").read_text())
+    responses = [json.loads(line)["response"] for line in (out / "evaluate" / "sft" / "responses.jsonl").read_text().splitlines()]
+    eval_prompts = [r["prompt"] for r in read_jsonl(files.eval_prompts, "prompt")][:4]
+    assert results["result"]["reward"] == pytest.approx(
+        sum(score_with_reward_model(clf, tok, eval_prompts, responses, progress=False, label=1)) / 4, abs=1e-5)

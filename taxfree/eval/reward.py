@@ -64,6 +64,30 @@ def _score_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_
     return torch.where(last_not_pad >= 0, last_not_pad, last_real)
 
 
+def resolve_reward_label(model, label: str | int | None) -> int | None:
+    """Which logit of a sequence classifier is the reward: None for a reward model (one logit);
+    for a classifier (a sentiment model on IMDB, say) the class named by `label`, by its name in
+    the model's `id2label` (case-insensitive) or by index."""
+    num_labels = getattr(model.config, "num_labels", None)
+    if label is None:
+        if num_labels != 1:
+            names = ", ".join(str(v) for v in (getattr(model.config, "id2label", None) or {}).values())
+            raise TaxfreeError(f"reward scoring: the model is a classifier with {num_labels} labels ({names}): "
+                               "name the class whose logit is the reward with reward_label")
+        return None
+    id2label = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+    if isinstance(label, int) or (isinstance(label, str) and label.isdigit()):
+        index = int(label)
+        if not 0 <= index < (num_labels or 0):
+            raise TaxfreeError(f"reward_label {label}: the model has {num_labels} labels (0..{(num_labels or 1) - 1})")
+        return index
+    matches = [i for i, name in id2label.items() if name.lower() == str(label).lower()]
+    if not matches:
+        raise TaxfreeError(f"reward_label {label!r}: not a label of the model "
+                           f"(has: {', '.join(id2label[i] for i in sorted(id2label))})")
+    return matches[0]
+
+
 @torch.no_grad()
 def score_with_reward_model(
     model,
@@ -74,10 +98,13 @@ def score_with_reward_model(
     max_length: int | None = None,
     append_eos: bool = True,
     progress: bool = True,
+    label: int | None = None,
 ) -> list[float]:
     """Reward-model score of each (prompt, response) pair, in order.
 
-    `model`: any `AutoModelForSequenceClassification` with `num_labels == 1`. `max_length`
+    `model`: any `AutoModelForSequenceClassification` with `num_labels == 1`, or a classifier
+    with `label` = the index of the class whose raw logit is the reward (`resolve_reward_label`;
+    TRL's sentiment examples score IMDB the same way). `max_length`
     keeps the last `max_length` tokens of a longer pair (the response matters most to a reward
     model); None keeps everything.
     """
@@ -88,8 +115,10 @@ def score_with_reward_model(
     if batch_size < 1:
         raise TaxfreeError(f"reward scoring: batch_size must be >= 1, got {batch_size}")
     num_labels = getattr(model.config, "num_labels", None)
-    if num_labels != 1:
-        raise TaxfreeError(f"reward scoring: the reward model must have num_labels=1, this one has {num_labels}")
+    if label is None and num_labels != 1:
+        raise TaxfreeError(f"reward scoring: the reward model must have num_labels=1, this one has {num_labels} "
+                           "(a classifier: give the label whose logit is the reward)")
+    column = 0 if label is None else label
     if not prompts:
         return []
 
@@ -132,9 +161,9 @@ def score_with_reward_model(
             if per_token and captured and captured[-1].dim() == 3:
                 token_scores = captured[-1]  # [batch, seq, 1]
                 pos = _score_positions(input_ids, attention_mask, model_pad_id)
-                batch_scores = token_scores[torch.arange(len(rows), device=device), pos, 0]
+                batch_scores = token_scores[torch.arange(len(rows), device=device), pos, column]
             else:
-                batch_scores = out.logits[:, 0]
+                batch_scores = out.logits[:, column]
             scores.extend(batch_scores.float().cpu().tolist())
     finally:
         if hook is not None:

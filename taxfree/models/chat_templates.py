@@ -10,6 +10,9 @@ Built-in names:
 - `plain`: "user: ...\\nassistant: ...\\n" lines, the model's BOS (or an encoder's CLS) first and
   EOS after each assistant turn, so a base model learns to stop and a BERT-style classifier
   pools its first token as it was trained to;
+- `hh`: Anthropic HH-RLHF's transcript, "\\n\\nHuman: ...\\n\\nAssistant: ..." (EOS after each
+  assistant turn; a system message is rendered as a Human turn), for base models trained on HH
+  (the AMA paper's OpenLLaMA-3B, EXO's Pythia-2.8B);
 - `chatml`: <|im_start|>role\\ncontent<|im_end|> (Qwen, SmolLM), for tokenizers that have those tokens.
 Anything else is a Jinja template: the text itself (it contains "{{" or "{%") or a .jinja file.
 """
@@ -28,6 +31,12 @@ BUILTIN = {
         "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
         "{% if message['role'] == 'assistant' %}{{ eos_token or '' }}{% endif %}{{ '\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}assistant: {% endif %}"
+    ),
+    "hh": (
+        "{{ bos_token or '' }}{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + message['content'] }}{{ eos_token or '' }}"
+        "{% else %}{{ '\\n\\nHuman: ' + message['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
     ),
     "chatml": (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}{{ '\\n' }}{{ message['content'] }}<|im_end|>"

@@ -160,6 +160,11 @@ class SampleStageConfig:
     """K completions per training prompt from a policy, scored by the reward model."""
 
     policy: str | None = None  # null = the run's SFT model
+    # The scorer: null = the run's rm model; or any sequence classifier (a model id or directory),
+    # e.g. a sentiment classifier for EXO's IMDB task, with reward_label naming the class whose
+    # logit is the reward (by id2label name or index; null for a one-logit reward model).
+    reward_model: str | None = None
+    reward_label: str | None = None
     prompts: Literal["pref_train", "sft_train"] = "pref_train"
     num_completions: int = 4
     temperature: float = 0.8
@@ -381,6 +386,7 @@ class EvaluateStageConfig:
     top_p: float = 1.0  # only with do_sample
     batch_size: int = 16  # generation
     reward_model: str | None = None  # null = the run's rm stage model
+    reward_label: str | None = None  # a classifier's class whose logit is the reward (see sample)
     reward_batch_size: int = 16
     pairrm: str | None = None  # null = off; a PairRM-hf directory or hub id
     pairrm_batch_size: int = 8
@@ -613,7 +619,8 @@ def _check_paths(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{src}: models.{key}: model directory not found: {value}")
         if key != "tokenizer" and not (p / "config.json").is_file():
             raise ConfigError(f"{src}: models.{key}: {value} has no config.json (not a Hugging Face model directory)")
-    for key, value in (("rm.backbone", cfg.rm.backbone), ("sample.policy", cfg.sample.policy)):
+    for key, value in (("rm.backbone", cfg.rm.backbone), ("sample.policy", cfg.sample.policy),
+                       ("sample.reward_model", cfg.sample.reward_model), ("evaluate.reward_model", cfg.evaluate.reward_model)):
         if value is not None and not looks_like_hub_id(value) and not (Path(value) / "config.json").is_file():
             raise ConfigError(f"{src}: {key}: model directory not found: {value}")
     for stage in ("pretrain", "sft", "align"):

@@ -243,7 +243,9 @@ class _Shared:
                 rm = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=self.trust).eval()
             except (OSError, ValueError) as e:
                 raise TaxfreeError(f"{path}: cannot load the reward model: {str(e).splitlines()[0]}") from None
-            self._rm = (rm, load_tokenizer(path, trust_remote_code=self.trust))
+            from taxfree.eval.reward import resolve_reward_label
+
+            self._rm = (rm, load_tokenizer(path, trust_remote_code=self.trust), resolve_reward_label(rm, self.sec.reward_label))
         return self._rm
 
     def pairrm(self):
@@ -342,8 +344,9 @@ def evaluate_model(m: EvalModel, shared: _Shared, mdir: Path, sft_responses: lis
                                    top_p=sec.top_p, seed=cfg.seed, desc=f"{m.id}: generating responses")
     bar.update()
     step("reward")
-    rm, rm_tok = shared.reward_model()
-    rewards = score_with_reward_model(rm, rm_tok, shared.prompts, responses, batch_size=sec.reward_batch_size)
+    rm, rm_tok, label = shared.reward_model()
+    rewards = score_with_reward_model(rm, rm_tok, shared.prompts, responses, batch_size=sec.reward_batch_size,
+                                      label=label)
     row["reward"] = _mean(rewards)
     golds = [gold_reward(r) for r in responses] if cfg.world.kind == "tiny" else None
     if golds is not None:

@@ -36,10 +36,16 @@ def policy_source(cfg):
     return sft_model_source(cfg)
 
 
+def reward_model_source(cfg):
+    if cfg.sample.reward_model is not None:
+        return None, cfg.sample.reward_model
+    return "rm", str(cfg.stage_dir("rm") / "model")
+
+
 def inputs(cfg) -> dict:
     return {
         "policy": policy_source(cfg),
-        "reward_model": ("rm", str(cfg.stage_dir("rm") / "model")),
+        "reward_model": reward_model_source(cfg),
         "prompts": data_source(cfg, cfg.sample.prompts),
         "tokenizer": tokenizer_source(cfg),
     }
@@ -104,7 +110,7 @@ def run(ctx) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification
 
-    from taxfree.eval.reward import score_with_reward_model
+    from taxfree.eval.reward import resolve_reward_label, score_with_reward_model
 
     cfg, sec = ctx.cfg, ctx.cfg.sample
     trust = cfg.models.trust_remote_code
@@ -121,9 +127,13 @@ def run(ctx) -> dict:
 
     tokenizer = load_tokenizer(tok_path, trust_remote_code=trust)
     policy = load_causal_lm(policy_path, trust_remote_code=trust).eval()
-    rm_dir = cfg.stage_dir("rm") / "model"
+    _, rm_dir = reward_model_source(cfg)
     rm_tok = load_tokenizer(str(rm_dir), trust_remote_code=trust)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), trust_remote_code=trust).eval()
+    try:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), trust_remote_code=trust).eval()
+    except (OSError, ValueError) as e:
+        raise TaxfreeError(f"{rm_dir}: cannot load the reward model: {str(e).splitlines()[0]}") from None
+    label = resolve_reward_label(reward_model, sec.reward_label)
 
     chunk_dir = ctx.dir / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +152,7 @@ def run(ctx) -> dict:
         flat_prompts = [p for p in chunk for _ in range(sec.num_completions)]
         flat = [c for cs in completions for c in cs]
         scores = score_with_reward_model(reward_model, rm_tok, flat_prompts, flat, batch_size=sec.score_batch_size,
-                                         progress=False)
+                                         progress=False, label=label)
         lines = []
         for j, p in enumerate(chunk):
             rs = scores[j * sec.num_completions : (j + 1) * sec.num_completions]
