@@ -178,3 +178,29 @@ def test_reward_label_errors(label, message):
 
     with pytest.raises(TaxfreeError, match=re.escape(message)):
         resolve_reward_label(_two_label_classifier(), label)
+
+
+def test_pairs_longer_than_the_model_are_cut_to_its_positions():
+    """A BERT-sized reward backbone has 512 positions and a sampled answer can run past them:
+    an encoder keeps the start (its pooled first token), a decoder the end (its scored last token)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from helpers_tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=1,
+                                                    max_position_embeddings=24, pad_token_id=0)).eval()
+    long = "abcdefghij" * 5  # 50 characters: past the 24 positions
+    got = score_with_reward_model(bert, tok, ["q:"], [long], progress=False)
+    ids = torch.tensor([tok("q:" + long + tok.eos_token)["input_ids"][:24]])
+    with torch.no_grad():
+        assert got[0] == pytest.approx(bert(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+    cfg = tiny_llama_config(len(tok), hidden_size=32, max_position_embeddings=24, pad_token_id=0)
+    cfg.num_labels = 1
+    decoder = LlamaForSequenceClassification(cfg).eval()
+    got = score_with_reward_model(decoder, tok, ["q:"], [long], progress=False)
+    ids = torch.tensor([tok("q:" + long + tok.eos_token)["input_ids"][-24:]])
+    with torch.no_grad():
+        assert got[0] == pytest.approx(decoder(input_ids=ids).logits[0, 0].item(), abs=1e-5)

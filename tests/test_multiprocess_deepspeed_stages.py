@@ -40,7 +40,7 @@ SFT_BATCH = 8
 ALIGN_BATCH = 4
 MERGING = ("ondare", "onties")
 OURS = {"ondare": "OnDAREAdamW", "onties": "OnTIESAdamW"}
-ZERO_OPTIMIZER = {2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
+ZERO_OPTIMIZER = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
 
 
 def _experiment(run_dir: Path, sft_tau: tuple[Path, Path] | None = None) -> dict:
@@ -63,7 +63,8 @@ def _experiment(run_dir: Path, sft_tau: tuple[Path, Path] | None = None) -> dict
 
 
 def _launch(stage: str, config: Path, logs: Path, backend: str) -> None:
-    """backend: zero2 / zero3 (configs/accelerate/<backend>.yaml) or ddp."""
+    """backend: zero2 / zero3 (configs/accelerate/<backend>.yaml), zero1 (zero2.yaml with
+    configs/deepspeed/zero1.json, as a user picks ZeRO-1) or ddp."""
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                CUDA_VISIBLE_DEVICES="", TAXFREE_PROBE_LOG=str(logs / f"{stage}.writes.jsonl"),
@@ -72,6 +73,9 @@ def _launch(stage: str, config: Path, logs: Path, backend: str) -> None:
     if backend == "ddp":
         env["ACCELERATE_USE_CPU"] = "true"
         how = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    elif backend == "zero1":
+        how = ["--config_file", str(REPO / "configs" / "accelerate" / "zero2.yaml"),
+               "--deepspeed_config_file", str(REPO / "configs" / "deepspeed" / "zero1.json")]
     else:
         how = ["--config_file", str(REPO / "configs" / "accelerate" / f"{backend}.yaml")]
     cmd = [str(ACCELERATE), "launch", *how, "--num_processes", str(WORLD), "--num_machines", "1",
@@ -94,7 +98,7 @@ def _copy_run(tmp: Path, name: str, source_root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{"zero2" | "zero3" | "ddp": {"root", "writes", "train"}}: each align launch's run root and its
+    """{"zero1" | "zero2" | "zero3" | "ddp": {"root", "writes", "train"}}: each align launch's run root and its
     probe logs (writes; what trained); "zero2" is the main run, which also holds the ZeRO-3 sft
     ("sft_writes", "sft_train") that all three align runs start from."""
     import torch
@@ -126,11 +130,12 @@ def runs(tmp_path_factory):
     _launch("align", config, logs, "zero2")
     out["zero2"] = {"root": root, "sft_writes": _jsonl(logs / "sft.writes.jsonl"),
                     "sft_train": _jsonl(logs / "sft.train.jsonl")}
-    for backend in ("zero3", "ddp"):
+    for backend in ("zero1", "zero3", "ddp"):
         copy_dir = _copy_run(tmp, backend, root)
         _launch("align", write_config(tmp / backend, _experiment(copy_dir, tau)), tmp / backend, backend)
         out[backend] = {"root": copy_dir / "t"}
-    for backend, logs in (("zero2", tmp / "main"), ("zero3", tmp / "zero3"), ("ddp", tmp / "ddp")):
+    for backend, logs in (("zero2", tmp / "main"), ("zero1", tmp / "zero1"), ("zero3", tmp / "zero3"),
+                          ("ddp", tmp / "ddp")):
         out[backend].update(writes=_jsonl(logs / "align.writes.jsonl"), train=_jsonl(logs / "align.train.jsonl"))
     return out
 
@@ -234,13 +239,13 @@ def test_sft_under_zero3_trains_with_onties(runs):
     _assert_loadable_and_trained(sft / "model", root / "pretrain" / "model")
 
 
-@pytest.mark.parametrize("backend", ["zero2", "zero3", "ddp"])
+@pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3", "ddp"])
 @pytest.mark.parametrize("name", MERGING)
 def test_align_trains_with_our_optimizer(runs, backend, name):
     run = runs[backend]
     root = run["root"]
     vdir = root / "align" / f"dpo-{name}"
-    zero = {"zero2": 2, "zero3": 3, "ddp": None}[backend]
+    zero = {"zero1": 1, "zero2": 2, "zero3": 3, "ddp": None}[backend]
     m = _assert_two_processes_trained(vdir, _lines(root / "world" / "data" / "pref_train.jsonl"), ALIGN_BATCH,
                                       deepspeed=zero is not None)
     assert m["optimizer"] == name and math.isfinite(m["train_loss"])
@@ -248,7 +253,7 @@ def test_align_trains_with_our_optimizer(runs, backend, name):
     _assert_loadable_and_trained(vdir / "model", root / "sft" / "model")
 
 
-@pytest.mark.parametrize("backend", ["zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3"])
 @pytest.mark.parametrize("name", MERGING)
 def test_zero_result_equals_ddp(runs, backend, name):
     """Same SFT start, data, seed and optimizer settings: ZeRO's sharded optimizer (tau cut into the
@@ -270,7 +275,7 @@ def test_zero_result_equals_ddp(runs, backend, name):
 
 
 def test_only_the_main_process_writes_results(runs):
-    launches = {f"{b}/align": runs[b]["writes"] for b in ("zero2", "zero3", "ddp")}
+    launches = {f"{b}/align": runs[b]["writes"] for b in ("zero1", "zero2", "zero3", "ddp")}
     launches["zero3/sft"] = runs["zero2"]["sft_writes"]
     for launch, writes in launches.items():
         manifests = [w["path"] for w in writes if w["op"] == "file" and w["path"].endswith("/stage.json")]

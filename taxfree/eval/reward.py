@@ -104,9 +104,10 @@ def score_with_reward_model(
 
     `model`: any `AutoModelForSequenceClassification` with `num_labels == 1`, or a classifier
     with `label` = the index of the class whose raw logit is the reward (`resolve_reward_label`;
-    TRL's sentiment examples score IMDB the same way). `max_length`
-    keeps the last `max_length` tokens of a longer pair (the response matters most to a reward
-    model); None keeps everything.
+    TRL's sentiment examples score IMDB the same way). `max_length` caps the tokens of a pair
+    (default and upper bound: the model's `max_position_embeddings`): a decoder reward model
+    keeps the last ones (it scores the last token, and the response matters most), an encoder
+    the first ones (it pools its first token).
     """
     from tqdm.auto import tqdm
 
@@ -129,6 +130,12 @@ def score_with_reward_model(
         fill_id = model_pad_id if model_pad_id is not None else 0
     head = getattr(model, "score", None)
     per_token = isinstance(head, torch.nn.Module)
+    # Never more tokens than the model has positions (a BERT-sized reward backbone has 512, and a
+    # sampled response can run past it); `max_length` can ask for fewer.
+    limit = max_length
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limit = positions if limit is None else min(limit, positions)
 
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, _i, out: captured.append(out)) if per_token else None
@@ -147,8 +154,8 @@ def score_with_reward_model(
                 format_reward_input_ids(tokenizer, p, r, append_eos=append_eos)
                 for p, r in zip(prompts[s : s + batch_size], responses[s : s + batch_size])
             ]
-            if max_length is not None:
-                rows = [r[-max_length:] for r in rows]
+            if limit is not None:  # a decoder scores the last token: keep the end; an encoder its first
+                rows = [r[-limit:] if per_token else r[:limit] for r in rows]
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), fill_id, dtype=torch.long)
             attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
