@@ -206,8 +206,9 @@ def test_exo_presets_keep_the_authors_settings(name, beta, data_root, monkeypatc
     assert cfg.stages[:1] == ["sft"] and "sample" in cfg.stages and "align" in cfg.stages
     model = {"imdb": "openai-community/gpt2-large"}.get(name.split("_")[1], "EleutherAI/pythia-2.8b")
     assert cfg.models.base == model and cfg.models.sft is None
-    if name != "exo_imdb_gpt2_large":  # human pairs: the pref variants too
-        assert {"exo-pref", "dpo-pref"} <= set(a.methods)
+    assert {"exo-pref", "dpo-pref"} <= set(a.methods)
+    # IMDB has no human pairs: its pairwise variants train on pairs of samples
+    assert a.pref_pairs == ("samples" if name == "exo_imdb_gpt2_large" else "data")
 
 
 def test_each_paper_preset_is_in_exactly_one_reproduce_script():

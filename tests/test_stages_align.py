@@ -240,3 +240,32 @@ def test_sample_and_evaluate_score_with_a_classifier_label(upto_rm, tmp_path):
     eval_prompts = [r["prompt"] for r in read_jsonl(files.eval_prompts, "prompt")][:4]
     assert results["result"]["reward"] == pytest.approx(
         sum(score_with_reward_model(clf, tok, eval_prompts, responses, progress=False, label=1)) / 4, abs=1e-5)
+
+
+def test_pairs_from_samples_take_the_first_two_completions():
+    from taxfree.stages.align import pairs_from_samples
+
+    records = [
+        {"prompt": "a", "completions": ["x", "y", "z"], "rewards": [0.1, 0.9, 5.0]},  # z is not in the K = 2 draw
+        {"prompt": "b", "completions": ["u", "v"], "rewards": [0.3, 0.3]},  # a tie: no preference
+        {"prompt": "c", "completions": ["w", "w"], "rewards": [1.0, 0.0]},  # same text: none either
+        {"prompt": "d", "completions": ["p", "q", "r"], "rewards": [2.0, -1.0, 0.0]},
+    ]
+    assert pairs_from_samples(records) == [{"prompt": "a", "chosen": "y", "rejected": "x"},
+                                           {"prompt": "d", "chosen": "p", "rejected": "q"}]
+
+
+def test_pairwise_methods_can_train_on_pairs_from_samples(upto_rm):
+    """align.pref_pairs: samples (EXO on IMDB, which has no human pairs): dpo trains on the
+    sample stage's reward-labelled pairs, not on data.pref_train."""
+    from taxfree.stages.align import pairs_from_samples
+
+    tmp, path, root = upto_rm
+    cfg = load_config(path, ["align.methods=[exo-pref]", "align.max_steps=2", "align.pref_pairs=samples"])
+    assert "sample" in cfg.enabled_stages()
+    Runner(cfg).run(["sample", "align"])
+    expected = pairs_from_samples(read_jsonl(root / "sample" / "rw.jsonl", "rw"))
+    m = read_manifest(root / "align" / "exo-pref-adamw")
+    assert m["metrics"]["train_examples"] == len(expected) > 0
+    assert len(expected) != len(read_jsonl(root / "world" / "data" / "pref_train.jsonl", "pref"))
+    assert m["config"]["align"]["pref_pairs"] == "samples"

@@ -213,6 +213,10 @@ class AlignStageConfig(TrainConfig):
     pref_eps: float = 4.54e-5  # exo-pref / exo-pair label smoothing
     temperature: float = 1.0  # logit temperature of the K-way methods
     num_completions: int | None = None  # K for exo-rw / dpo-rw; null = all sampled
+    # Where the pairwise methods' pairs come from: "data" = data.pref_train (human pairs);
+    # "samples" = the sample stage's completions, two per prompt labelled by the reward (EXO's
+    # pref setting on IMDB: an independent K = 2 draw, the higher reward chosen, ties dropped).
+    pref_pairs: Literal["data", "samples"] = "data"
     precompute_ref_log_probs: bool = False
 
     def check(self):
@@ -535,6 +539,8 @@ class ExperimentConfig:
     def needs_samples(self) -> bool:
         """Reward-labelled samples feed exo-rw / dpo-rw, and AMA's collected data unless ama.data is given."""
         if any(m in ("exo-rw", "dpo-rw") for m in self.align.methods):
+            return True
+        if self.align.pref_pairs == "samples":
             return True
         return self.ama.data is None and (self.stages is None or "ama" in self.stages)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from taxfree.data.records import pref_to_kto, read_jsonl
+from taxfree.data.records import pref_to_kto, read_jsonl, rw_to_pref
 from taxfree.errors import TaxfreeError
 from taxfree.losses import METHOD_BACKENDS
 from taxfree.losses.methods import TAXFREE_CONTRASTIVE, TRL_DPO, TRL_KTO
@@ -43,7 +43,7 @@ def inputs(cfg) -> dict:
         out["base"] = (None, opt.base) if opt.base else base_model_source(cfg)
         if opt.ref:
             out["optimizer_ref"] = (None, opt.ref)
-    if any(m in RW_METHODS for m in cfg.align.methods):
+    if any(m in RW_METHODS for m in cfg.align.methods) or cfg.align.pref_pairs == "samples":
         out["samples"] = ("sample", str(cfg.stage_dir("sample") / "rw.jsonl"))
     return out
 
@@ -80,6 +80,18 @@ def _pref_rows(path: str) -> list[dict]:
     return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in read_jsonl(path, "pref")]
 
 
+def pairs_from_samples(records: list[dict]) -> list[dict]:
+    """One pair per prompt from its first two sampled completions (an independent K = 2 draw),
+    the higher reward chosen; prompts whose two rewards tie, or whose two texts are the same,
+    give none (EXO's pairwise setting on IMDB)."""
+    pairs = []
+    for r in records:
+        pair = rw_to_pref({"prompt": r["prompt"], "completions": r["completions"][:2], "rewards": r["rewards"][:2]})
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
 def _datasets(cfg, method: str):
     """(train, eval) datasets in the format the method's trainer takes."""
     from datasets import Dataset
@@ -95,9 +107,15 @@ def _datasets(cfg, method: str):
         evald = Dataset.from_list([{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "rewards": [1.0, 0.0]}
                                    for r in eval_rows]) if eval_rows else None
         return train, evald
-    if train_path is None:
-        raise TaxfreeError(f"{cfg.source}: data.pref_train: required by the align stage")
-    train_rows = _pref_rows(train_path)
+    if cfg.align.pref_pairs == "samples":
+        train_rows = pairs_from_samples(read_jsonl(cfg.stage_dir("sample") / "rw.jsonl", "rw"))
+        if not train_rows:
+            raise TaxfreeError(f"{cfg.stage_dir('sample') / 'rw.jsonl'}: no prompt's first two samples differ in reward: "
+                               "no pairs to train on")
+    elif train_path is None:
+        raise TaxfreeError(f"{cfg.source}: data.pref_train: required by the align stage (or align.pref_pairs: samples)")
+    else:
+        train_rows = _pref_rows(train_path)
     if method == "kto":
         def unpaired(rows):
             return Dataset.from_list([{k: x[k] for k in ("prompt", "completion", "label")} for r in rows for x in pref_to_kto(r)])
