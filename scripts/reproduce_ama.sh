@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the AMA paper (arXiv 2309.06256): OpenLLaMA-3B on HH-RLHF: SFT, RM, best-of-K
-# samples, DPO, the aligned-weight sweep, partwise averaging, AMA, evaluation and the report
+# Reproduce the AMA paper (arXiv 2309.06256): OpenLLaMA-3B on HH-RLHF: SFT, RM, DPO, the
+# aligned-weight sweep, partwise averaging, AMA on the aligned policy's best-of-K samples, evaluation and the report
 # (reward vs the `ama_paper` benchmark average).
 #   scripts/reproduce_ama.sh [taxfree args ...]        (or: make reproduce-ama)
 # Needs GPUs (8 per node by default) and the hub. Environment: see scripts/lib_reproduce.sh

@@ -176,7 +176,8 @@ def test_ama_preset_keeps_the_papers_settings(data_root, monkeypatch):
     ama = cfg.ama
     assert (ama.sft_mean, ama.eps, ama.lr, ama.reg, ama.blocks) == (0.2, 0.2, 4e-5, 1e-4, "block3")
     assert ama.epochs == 1 and ama.max_length == 512 and ama.warmup_ratio == 0.03
-    assert cfg.stages == ["sft", "rm", "sample", "align", "merge", "ama", "evaluate", "report"]
+    assert cfg.stages == ["sft", "rm", "align", "merge", "ama", "evaluate", "report"]
+    assert cfg.ama.collect_from == "aligned"  # the paper's collected data: the aligned policy's best of K
     assert cfg.models.base == "openlm-research/open_llama_3b"
     assert cfg.evaluate.benchmarks == ["ama_paper"]
     assert cfg.merge.aligned_weights == [0.2, 0.4, 0.6, 0.8]

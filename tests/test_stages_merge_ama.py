@@ -143,3 +143,44 @@ def test_bad_merge_and_ama_settings_are_one_line(tmp_path, capsys, section, valu
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and why in err and "\n" not in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_ama_can_learn_on_the_aligned_models_own_best_of_k(run, tmp_path):
+    """ama.collect_from: aligned (the paper): each variant samples its aligned model with the
+    sample settings, keeps the best by reward, and trains on that, not on sample/collected.jsonl."""
+    from taxfree.data.records import completion_text, read_jsonl
+    from taxfree.eval.reward import score_with_reward_model
+    from taxfree.models.load import load_causal_lm, load_tokenizer
+    from taxfree.stages.sample import chunk_seed, generate
+    from transformers import AutoModelForSequenceClassification
+
+    tmp, _, data, root = run
+    data = copy.deepcopy(data)
+    data["ama"]["collect_from"] = "aligned"
+    data["sample"]["max_prompts"] = 6
+    path = write_config(tmp, data, name="ama_aligned.yaml")
+    cfg = load_config(path)
+    assert not cfg.needs_samples()  # dpo only: no stage needs the sample stage's samples any more
+    Runner(cfg).run(["ama"])
+    vdir = root / "ama" / "dpo-adamw"
+    samples = read_jsonl(vdir / "samples.jsonl", "rw")
+    collected = read_jsonl(vdir / "collected.jsonl", "sft")
+    assert len(samples) == len(collected) == 6 and all(len(r["completions"]) == 2 for r in samples)
+    for r, c in zip(samples, collected):  # best of K by reward
+        best = max(range(2), key=r["rewards"].__getitem__)
+        assert c["messages"][-1]["content"] == completion_text(r["completions"][best])
+    # The samples are the aligned model's (same seed, same draws), not the SFT model's.
+    tok = load_tokenizer(str(root / "world" / "data" / "tokenizer"))
+    prompts = [r["prompt"] for r in samples]
+    aligned = load_causal_lm(str(root / "align" / "dpo-adamw" / "model")).eval()
+    again = generate(aligned, tok, prompts, 2, 0.8, 1.0, 12, 24, chunk_seed(cfg.seed, 0))
+    assert [[completion_text(c) for c in r["completions"]] for r in samples] == again
+    sft = load_causal_lm(str(root / "sft" / "model")).eval()
+    assert generate(sft, tok, prompts, 2, 0.8, 1.0, 12, 24, chunk_seed(cfg.seed, 0)) != again
+    rm = AutoModelForSequenceClassification.from_pretrained(str(root / "rm" / "model")).eval()
+    flat = [completion_text(c) for r in samples for c in r["completions"]]
+    scores = score_with_reward_model(rm, load_tokenizer(str(root / "rm" / "model")), [p for p in prompts for _ in range(2)],
+                                     flat, progress=False)
+    assert [x for r in samples for x in r["rewards"]] == pytest.approx(scores, abs=1e-5)
+    m = read_manifest(vdir)
+    assert m["config"]["ama"]["collect_from"] == "aligned" and m["metrics"]["examples"] == 6

@@ -313,6 +313,10 @@ class AmaStageConfig:
 
     aligned: list[str] | None = None  # align variants (e.g. dpo-adamw); null = every one
     data: str | None = None  # sft-format JSONL; null = the run's sample/collected.jsonl
+    # Whose best-of-K responses AMA learns on: "sample" = the sample stage's (its policy, the SFT
+    # model by default); "aligned" = each aligned variant's own, as in the paper: the ama stage
+    # samples them with the sample settings (prompts, K, temperature, reward model).
+    collect_from: Literal["sample", "aligned"] = "sample"
     blocks: str = "block3"  # block3 (thirds), blockN, or layerwise
     head_block: bool = False  # the LM head as one more learned block (needs an untied head)
     sft_mean: float = 0.2  # mean SFT weight s0 (mean aligned weight 1 - s0)
@@ -350,6 +354,8 @@ class AmaStageConfig:
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         _require(self.save_steps >= 1, "save_steps", "must be >= 1")
         _require(self.aligned is None or len(self.aligned) >= 1, "aligned", "list at least one variant (or null for all)")
+        _require(self.data is None or self.collect_from == "sample", "collect_from",
+                 "aligned samples the aligned models itself; leave ama.data null with it")
 
 
 @dataclass
@@ -542,7 +548,7 @@ class ExperimentConfig:
             return True
         if self.align.pref_pairs == "samples":
             return True
-        return self.ama.data is None and (self.stages is None or "ama" in self.stages)
+        return self.ama.data is None and self.ama.collect_from == "sample" and (self.stages is None or "ama" in self.stages)
 
     def align_variants(self, selected: list[str] | None = None) -> list[str]:
         """Names of the align stage's variants, `<method>-<optimizer>`; or `selected` (a stage's

@@ -1,7 +1,8 @@
 """`ama`: Adaptive Model Averaging of the SFT model with each aligned variant (ALGORITHMS.md 4).
 
 Per align variant (or those `ama.aligned` lists): the per-block mixing logits are trained on
-the collected data (the sample stage's best-of-K responses, or `ama.data`) with both models
+the collected data (the sample stage's best-of-K responses, `ama.data`, or with
+`ama.collect_from: aligned` the variant's own best-of-K responses, as in the paper) with both models
 frozen, then the merged model is written to `ama/<variant>/model/` with `ama_weights.json`
 (per-block SFT and aligned weights, also copied to `ama/<variant>/`). The logits and AdamW's
 state are checkpointed every `save_steps` steps, so a killed run resumes where it stopped. The
@@ -24,6 +25,10 @@ KEEPS_VARIANTS = True
 STATE_NAME = "ama_state.safetensors"
 
 
+COLLECTED = "collected.jsonl"  # with collect_from: aligned, the variant's own best-of-K data
+SAMPLES = "samples.jsonl"  # ... and every sample it was chosen from, with its reward
+
+
 def data_source(cfg) -> tuple[str | None, str]:
     if cfg.ama.data is not None:
         return None, cfg.ama.data
@@ -31,20 +36,55 @@ def data_source(cfg) -> tuple[str | None, str]:
 
 
 def inputs(cfg) -> dict:
-    return {"sft": sft_model_source(cfg), "tokenizer": tokenizer_source(cfg), "data": data_source(cfg),
-            "align": ("align", str(cfg.stage_dir("align")))}
+    out = {"sft": sft_model_source(cfg), "tokenizer": tokenizer_source(cfg), "align": ("align", str(cfg.stage_dir("align")))}
+    if cfg.ama.collect_from == "aligned":
+        from taxfree.pipeline.resolve import data_source as file_source
+        from taxfree.stages.sample import reward_model_source
+
+        out.update(prompts=file_source(cfg, cfg.sample.prompts), reward_model=reward_model_source(cfg))
+    else:
+        out["data"] = data_source(cfg)
+    return out
 
 
 def section(cfg) -> dict:
-    return {"ama": dataclasses.asdict(cfg.ama), "seed": cfg.seed, "trust_remote_code": cfg.models.trust_remote_code}
+    out = {"ama": dataclasses.asdict(cfg.ama), "seed": cfg.seed, "trust_remote_code": cfg.models.trust_remote_code}
+    if cfg.ama.collect_from == "aligned":  # how the aligned models are sampled shapes the data
+        out["sample"] = dataclasses.asdict(cfg.sample)
+    return out
+
+
+def collect_from_aligned(cfg, aligned_path: str, vdir) -> str:
+    """Best-of-K responses of the aligned model itself (the paper's collected data), sampled and
+    scored with the sample settings; written once to `vdir/collected.jsonl` (a re-run after a kill
+    reuses it) with every sample in `vdir/samples.jsonl`."""
+    from taxfree.data.records import write_jsonl
+    from taxfree.models.load import load_causal_lm, load_tokenizer
+    from taxfree.stages.sample import best_of_k, chunk_seed, load_reward_scorer, sample_and_score, sample_prompts
+
+    path = vdir / COLLECTED
+    if path.is_file():
+        return str(path)
+    trust = cfg.models.trust_remote_code
+    _, tok_path = tokenizer_source(cfg)
+    tokenizer = load_tokenizer(tok_path, trust_remote_code=trust)
+    policy = load_causal_lm(aligned_path, trust_remote_code=trust).eval()
+    records = sample_and_score(policy, tokenizer, sample_prompts(cfg), load_reward_scorer(cfg), cfg.sample,
+                               chunk_seed(cfg.seed, 0))
+    write_jsonl(vdir / SAMPLES, records, kind="rw")
+    write_jsonl(path, best_of_k(records), kind="sft")  # last: its presence means both are complete
+    return str(path)
 
 
 def variant_config(cfg, variant: str) -> dict:
     _, run_id = aligned_model(cfg, variant)
     sec = dataclasses.asdict(cfg.ama)
     sec.pop("aligned")
-    return {"aligned": variant, "aligned_run_id": run_id, "ama": sec, "seed": cfg.seed,
-            "trust_remote_code": cfg.models.trust_remote_code}
+    out = {"aligned": variant, "aligned_run_id": run_id, "ama": sec, "seed": cfg.seed,
+           "trust_remote_code": cfg.models.trust_remote_code}
+    if cfg.ama.collect_from == "aligned":
+        out["sample"] = dataclasses.asdict(cfg.sample)
+    return out
 
 
 def train_variant(cfg, variant: str, vdir) -> dict:
@@ -60,8 +100,11 @@ def train_variant(cfg, variant: str, vdir) -> dict:
     sec, trust = cfg.ama, cfg.models.trust_remote_code
     _, sft_path = sft_model_source(cfg)
     _, tok_path = tokenizer_source(cfg)
-    _, data_path = data_source(cfg)
     aligned_path = aligned_model_dir(cfg, variant)  # checked finished by variant_config
+    if sec.collect_from == "aligned":
+        data_path = collect_from_aligned(cfg, aligned_path, vdir)
+    else:
+        _, data_path = data_source(cfg)
     records = read_jsonl(data_path, "sft")
     if not records:
         raise TaxfreeError(f"{data_path}: no records: AMA needs collected data to train on")
@@ -115,8 +158,9 @@ def run(ctx) -> dict:
     cfg = ctx.cfg
     names = cfg.align_variants(cfg.ama.aligned)
     configs = {v: variant_config(cfg, v) for v in names}
+    shared = ["sft", "tokenizer"] + (["prompts", "reward_model"] if cfg.ama.collect_from == "aligned" else ["data"])
     results = run_variants(ctx, configs, lambda name, vdir, resumed: train_variant(cfg, name, vdir),
-                           inputs_of=lambda name: ["sft", "tokenizer", "data"])
+                           inputs_of=lambda name: shared)
     out = {"variants": len(results)}
     for name, m in results.items():
         w = m.get("metrics", {}).get("mean_aligned_weight")

@@ -106,34 +106,80 @@ def generate(model, tokenizer, prompts: list, k: int, temperature: float, top_p:
     return [[c.strip() for c in outs[j * k : (j + 1) * k]] for j in range(len(prompts))]
 
 
-def run(ctx) -> dict:
-    from tqdm.auto import tqdm
+def load_reward_scorer(cfg):
+    """(model, tokenizer, label) that score samples: `sample.reward_model` with `reward_label`, or
+    the run's rm model."""
     from transformers import AutoModelForSequenceClassification
 
-    from taxfree.eval.reward import resolve_reward_label, score_with_reward_model
+    from taxfree.eval.reward import resolve_reward_label
 
-    cfg, sec = ctx.cfg, ctx.cfg.sample
     trust = cfg.models.trust_remote_code
-    _, policy_path = policy_source(cfg)
-    _, tok_path = tokenizer_source(cfg)
-    _, prompts_path = data_source(cfg, sec.prompts)
-    if prompts_path is None:
-        raise TaxfreeError(f"{cfg.source}: data.{sec.prompts}: required by the sample stage")
-    prompts = unique_prompts(read_jsonl(prompts_path, _KINDS[sec.prompts]))
-    if sec.max_prompts is not None:
-        prompts = prompts[: sec.max_prompts]
-    if not prompts:
-        raise TaxfreeError(f"{prompts_path}: no prompts to sample from")
-
-    tokenizer = load_tokenizer(tok_path, trust_remote_code=trust)
-    policy = load_causal_lm(policy_path, trust_remote_code=trust).eval()
     _, rm_dir = reward_model_source(cfg)
     rm_tok = load_tokenizer(str(rm_dir), trust_remote_code=trust)
     try:
         reward_model = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), trust_remote_code=trust).eval()
     except (OSError, ValueError) as e:
         raise TaxfreeError(f"{rm_dir}: cannot load the reward model: {str(e).splitlines()[0]}") from None
-    label = resolve_reward_label(reward_model, sec.reward_label)
+    return reward_model, rm_tok, resolve_reward_label(reward_model, cfg.sample.reward_label)
+
+
+def sample_prompts(cfg) -> list:
+    """The distinct prompts the sample settings draw from (sample.prompts, sample.max_prompts)."""
+    sec = cfg.sample
+    _, prompts_path = data_source(cfg, sec.prompts)
+    if prompts_path is None:
+        raise TaxfreeError(f"{cfg.source}: data.{sec.prompts}: required to sample")
+    prompts = unique_prompts(read_jsonl(prompts_path, _KINDS[sec.prompts]))
+    if sec.max_prompts is not None:
+        prompts = prompts[: sec.max_prompts]
+    if not prompts:
+        raise TaxfreeError(f"{prompts_path}: no prompts to sample from")
+    return prompts
+
+
+def sample_and_score(policy, tokenizer, prompts: list, scorer, sec, seed: int) -> list[dict]:
+    """K completions per prompt from `policy`, each scored: rw records (prompt, completions, rewards)."""
+    from taxfree.eval.reward import score_with_reward_model
+
+    reward_model, rm_tok, label = scorer
+    k = sec.num_completions
+    completions = generate(policy, tokenizer, prompts, k, sec.temperature, sec.top_p, sec.max_new_tokens,
+                           sec.batch_size, seed)
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    flat = [c for cs in completions for c in cs]
+    scores = score_with_reward_model(reward_model, rm_tok, flat_prompts, flat, batch_size=sec.score_batch_size,
+                                     progress=False, label=label)
+    records = []
+    for j, p in enumerate(prompts):
+        # Chat prompts get chat completions (one format per record, as TRL expects).
+        cs = completions[j] if isinstance(p, str) else [[{"role": "assistant", "content": c}] for c in completions[j]]
+        records.append({"prompt": p, "completions": cs, "rewards": scores[j * k : (j + 1) * k]})
+    return records
+
+
+def best_of_k(records: list[dict]) -> list[dict]:
+    """AMA's collected data: each prompt's highest-reward completion as an sft record."""
+    collected = []
+    for r in records:
+        best = max(range(len(r["rewards"])), key=r["rewards"].__getitem__)
+        prompt = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+        text = completion_text(r["completions"][best])
+        collected.append({"messages": prompt + [{"role": "assistant", "content": text}],
+                          "reward": r["rewards"][best]})
+    return collected
+
+
+def run(ctx) -> dict:
+    from tqdm.auto import tqdm
+
+    cfg, sec = ctx.cfg, ctx.cfg.sample
+    trust = cfg.models.trust_remote_code
+    _, policy_path = policy_source(cfg)
+    _, tok_path = tokenizer_source(cfg)
+    prompts = sample_prompts(cfg)
+    tokenizer = load_tokenizer(tok_path, trust_remote_code=trust)
+    policy = load_causal_lm(policy_path, trust_remote_code=trust).eval()
+    scorer = load_reward_scorer(cfg)
 
     chunk_dir = ctx.dir / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -147,18 +193,8 @@ def run(ctx) -> dict:
         if path.is_file():
             continue
         chunk = prompts[i * sec.chunk_size : (i + 1) * sec.chunk_size]
-        completions = generate(policy, tokenizer, chunk, sec.num_completions, sec.temperature, sec.top_p,
-                               sec.max_new_tokens, sec.batch_size, chunk_seed(cfg.seed, i))
-        flat_prompts = [p for p in chunk for _ in range(sec.num_completions)]
-        flat = [c for cs in completions for c in cs]
-        scores = score_with_reward_model(reward_model, rm_tok, flat_prompts, flat, batch_size=sec.score_batch_size,
-                                         progress=False, label=label)
-        lines = []
-        for j, p in enumerate(chunk):
-            rs = scores[j * sec.num_completions : (j + 1) * sec.num_completions]
-            # Chat prompts get chat completions (one format per record, as TRL expects).
-            cs = completions[j] if isinstance(p, str) else [[{"role": "assistant", "content": c}] for c in completions[j]]
-            lines.append(json.dumps({"prompt": p, "completions": cs, "rewards": rs}, ensure_ascii=False))
+        lines = [json.dumps(r, ensure_ascii=False)
+                 for r in sample_and_score(policy, tokenizer, chunk, scorer, sec, chunk_seed(cfg.seed, i))]
         atomic_write_text(path, "\n".join(lines) + "\n")
         bar.update(len(chunk))
     bar.close()
@@ -166,13 +202,7 @@ def run(ctx) -> dict:
     records = []
     for i in range(n_chunks):
         records.extend(read_jsonl(chunk_dir / f"{i:05d}.jsonl", "rw"))
-    collected = []
-    for r in records:
-        best = max(range(len(r["rewards"])), key=r["rewards"].__getitem__)
-        prompt = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
-        text = completion_text(r["completions"][best])
-        collected.append({"messages": prompt + [{"role": "assistant", "content": text}],
-                          "reward": r["rewards"][best]})
+    collected = best_of_k(records)
     write_jsonl(ctx.dir / "rw.jsonl", records, kind="rw")
     write_jsonl(ctx.dir / "collected.jsonl", collected, kind="sft")
     all_rewards = [x for r in records for x in r["rewards"]]
