@@ -233,6 +233,8 @@ def test_sft_under_zero3_trains_with_onties(runs):
                                       deepspeed=True)
     # Evaluated before training (transformers cannot under ZeRO without help) and after: it learned.
     assert m["optimizer"] == "onties"
+    # zero3.yaml's zero3_init_flag: the model was built already partitioned (deepspeed.zero.Init)
+    assert m["loaded_partitioned"] is True
     assert math.isfinite(m["eval_loss_before"]) and m["eval_loss"] < m["eval_loss_before"]
     _assert_our_optimizer(_trained_with(runs["zero2"]["sft_train"], sft), "onties", m["steps"], zero_stage=3)
     # ZeRO-3 saved full weights (gathered from the partitions), not empty placeholders.
@@ -249,6 +251,7 @@ def test_align_trains_with_our_optimizer(runs, backend, name):
     m = _assert_two_processes_trained(vdir, _lines(root / "world" / "data" / "pref_train.jsonl"), ALIGN_BATCH,
                                       deepspeed=zero is not None)
     assert m["optimizer"] == name and math.isfinite(m["train_loss"])
+    assert m["loaded_partitioned"] is (zero == 3)  # every variant under zero3.yaml, none elsewhere
     _assert_our_optimizer(_trained_with(run["train"], vdir), name, m["steps"], zero_stage=zero)
     _assert_loadable_and_trained(vdir / "model", root / "sft" / "model")
 

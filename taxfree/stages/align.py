@@ -20,8 +20,9 @@ from taxfree.pipeline.config import variant_name
 from taxfree.pipeline.resolve import base_model_source, data_source, sft_model_source, tokenizer_source
 from taxfree.pipeline.runner import run_variants
 from taxfree.stages.callbacks import LastLogs, numeric
-from taxfree.stages.common import (build_stage_optimizer, check_lengths, last_checkpoint, resumed_from_step, save_model,
-                                    tensorboard_callback, trainer_kwargs, whole_run_train_loss)
+from taxfree.stages.common import (build_stage_optimizer, check_lengths, last_checkpoint, loaded_partitioned,
+                                    resumed_from_step, save_model, tensorboard_callback, trainer_kwargs,
+                                    whole_run_train_loss)
 
 KEEPS_VARIANTS = True
 RW_METHODS = ("exo-rw", "dpo-rw")
@@ -124,35 +125,42 @@ def _datasets(cfg, method: str):
     return Dataset.from_list(train_rows), Dataset.from_list(eval_rows) if eval_rows else None
 
 
-def _trainer(cfg, method: str, model, ref_model, tokenizer, train, evald, optimizer, vdir, callbacks):
+def _args(cfg, method: str, vdir):
+    """The method's trainer config (TRL's DPOConfig / KTOConfig or our ContrastiveConfig)."""
     sec = cfg.align
     backend = METHOD_BACKENDS[method]
     common = trainer_kwargs(sec, vdir, cfg.seed)
     if backend.trainer == TRL_DPO:
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig
 
         label_smoothing = sec.pref_eps if method == "exo-pair" else sec.label_smoothing
-        args = DPOConfig(**common, loss_type=[backend.loss_type], beta=sec.beta, label_smoothing=label_smoothing,
+        return DPOConfig(**common, loss_type=[backend.loss_type], beta=sec.beta, label_smoothing=label_smoothing,
                          max_length=sec.max_length, precompute_ref_log_probs=sec.precompute_ref_log_probs)
-        return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evald,
-                          processing_class=tokenizer, optimizers=(None, None), callbacks=callbacks)
     if backend.trainer == TRL_KTO:
-        from trl import KTOConfig, KTOTrainer
+        from trl import KTOConfig
 
-        args = KTOConfig(**common, loss_type=backend.loss_type, beta=sec.beta, max_length=sec.max_length,
+        return KTOConfig(**common, loss_type=backend.loss_type, beta=sec.beta, max_length=sec.max_length,
                          precompute_ref_log_probs=sec.precompute_ref_log_probs)
-        return KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evald,
-                          processing_class=tokenizer, optimizers=(None, None), callbacks=callbacks)
     if backend.trainer == TAXFREE_CONTRASTIVE:
-        from taxfree.trainers import ContrastiveConfig, ContrastiveTrainer
+        from taxfree.trainers import ContrastiveConfig
 
-        args = ContrastiveConfig(**common, loss_type=backend.loss_type, beta=sec.beta, beta_pi=sec.beta_pi,
+        return ContrastiveConfig(**common, loss_type=backend.loss_type, beta=sec.beta, beta_pi=sec.beta_pi,
                                  beta_r=sec.beta_r, pref_eps=sec.pref_eps, temperature=sec.temperature,
                                  max_length=sec.max_length, max_prompt_length=sec.max_prompt_length,
                                  num_completions=sec.num_completions if method in RW_METHODS else None)
-        return ContrastiveTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evald,
-                                  processing_class=tokenizer, optimizers=(None, None), callbacks=callbacks)
     raise TaxfreeError(f"align: no trainer for method {method!r}")  # pragma: no cover
+
+
+def _trainer(method: str, args, model, ref_model, tokenizer, train, evald, callbacks):
+    trainer_kind = METHOD_BACKENDS[method].trainer
+    if trainer_kind == TRL_DPO:
+        from trl import DPOTrainer as Trainer
+    elif trainer_kind == TRL_KTO:
+        from trl import KTOTrainer as Trainer
+    else:
+        from taxfree.trainers import ContrastiveTrainer as Trainer
+    return Trainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evald,
+                   processing_class=tokenizer, optimizers=(None, None), callbacks=callbacks)
 
 
 def train_variant(cfg, method: str, optimizer_name: str, vdir) -> dict:
@@ -166,8 +174,12 @@ def train_variant(cfg, method: str, optimizer_name: str, vdir) -> dict:
             if path is not None:
                 check_lengths(path, read_jsonl(path, "pref"), tokenizer, "align", cfg.align.max_length,
                               cfg.align.max_prompt_length)
+    # The trainer's config before the models: under DeepSpeed ZeRO-3 with zero3_init_flag it makes
+    # from_pretrained build them already partitioned (deepspeed.zero.Init), so no rank holds a whole one.
+    args = _args(cfg, method, vdir)
     model = load_causal_lm(sft_path, trust_remote_code=trust)
     ref_model = load_causal_lm(sft_path, trust_remote_code=trust)
+    partitioned = loaded_partitioned(model)
     train, evald = _datasets(cfg, method)
     if len(train) == 0:
         raise TaxfreeError(f"align/{method}: the training set is empty")
@@ -180,15 +192,14 @@ def train_variant(cfg, method: str, optimizer_name: str, vdir) -> dict:
         optimizer = build_stage_optimizer(model, sec, ref=opt.ref or sft_path, base=base_path, seed=cfg.seed)
 
     logs = LastLogs()
-    trainer = _trainer(cfg, method, model, ref_model, tokenizer, train, evald, optimizer, vdir,
-                       [tensorboard_callback(vdir), logs])
+    trainer = _trainer(method, args, model, ref_model, tokenizer, train, evald, [tensorboard_callback(vdir), logs])
     # Through the Trainer's optimizer factory, not `optimizers=`: DeepSpeed would replace an optimizer
     # passed in with its AdamW, and FSDP refuses one (taxfree.optim.trainer).
     hand_optimizer_to_trainer(trainer, optimizer)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(vdir))
     metrics = {"method": method, "optimizer": optimizer_name, "train_loss": whole_run_train_loss(trainer, result),
                "resumed_from_step": resumed_from_step(trainer),
-               "steps": result.global_step, "train_examples": len(train)}
+               "steps": result.global_step, "train_examples": len(train), "loaded_partitioned": partitioned}
     metrics.update(numeric({k: v for k, v in logs.train.items() if "/" in k}, "train_"))
     if evald is not None:
         trainer.evaluate()

@@ -65,6 +65,12 @@ def trainer_kwargs(section: TrainConfig, stage_dir: Path, seed: int) -> dict:
     )
 
 
+def loaded_partitioned(model) -> bool:
+    """Whether from_pretrained built the model already partitioned by DeepSpeed ZeRO-3
+    (zero3_init_flag): its parameters are then DeepSpeed's, each rank holding a slice."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def deepspeed_launch() -> bool:
     """True in a process started by `accelerate launch` with a DeepSpeed config (configs/accelerate/zero*.yaml)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"

@@ -18,6 +18,7 @@ from taxfree.stages.common import (
     check_lengths,
     evaluate_before_training,
     last_checkpoint,
+    loaded_partitioned,
     resumed_from_step,
     save_model,
     tensorboard_callback,
@@ -82,12 +83,8 @@ def run(ctx) -> dict:
             check_lengths(path, read_jsonl(path, "sft"), tokenizer, "sft", sec.max_length)
     train = load_sft_dataset(train_path)
     evald = load_sft_dataset(eval_path) if eval_path else None
-    model = load_causal_lm(base_path, trust_remote_code=trust)
-
-    opt = sec.optimizer
-    # In SFT there is no run-given SFT/base pair: tau comes from optimizer.ref/base (validated).
-    optimizer = build_stage_optimizer(model, sec, ref=opt.ref, base=opt.base, seed=cfg.seed)
-
+    # The trainer's config before the model: under DeepSpeed ZeRO-3 with zero3_init_flag it makes
+    # from_pretrained build it already partitioned (deepspeed.zero.Init), so no rank holds a whole one.
     args = SFTConfig(
         **trainer_kwargs(sec, ctx.dir, cfg.seed),
         max_length=sec.max_length,
@@ -95,6 +92,12 @@ def run(ctx) -> dict:
         packing=False,
         dataset_num_proc=None,
     )
+    model = load_causal_lm(base_path, trust_remote_code=trust)
+    partitioned = loaded_partitioned(model)
+
+    opt = sec.optimizer
+    # In SFT there is no run-given SFT/base pair: tau comes from optimizer.ref/base (validated).
+    optimizer = build_stage_optimizer(model, sec, ref=opt.ref, base=opt.base, seed=cfg.seed)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -119,5 +122,6 @@ def run(ctx) -> dict:
         train_examples=len(train),
         eval_examples=len(evald) if evald is not None else 0,
         optimizer=opt.name,
+        loaded_partitioned=partitioned,
     )
     return metrics
