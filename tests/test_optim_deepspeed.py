@@ -471,8 +471,13 @@ def test_hand_optimizer_to_trainer():
     assert untouched.optimizer_cls_and_kwargs is None
     with pytest.raises(TaxfreeError, match='"optimizer" section \\(AdamW\\).*OnDAREAdamW'):
         hand_optimizer_to_trainer(trainer({"optimizer": {"type": "AdamW"}}), opt)
-    with pytest.raises(TaxfreeError, match="under FSDP1.*use FSDP2"):
-        hand_optimizer_to_trainer(trainer(fsdp_version=1), opt)
+    # FSDP1: the factory binds the optimizer to the wrapped model it is handed; a model with no
+    # FSDP1 unit over the optimizer's parameters is an error, not a silent whole-tensor step.
+    fsdp1 = trainer(fsdp_version=1)
+    hand_optimizer_to_trainer(fsdp1, opt)
+    factory, kwargs = fsdp1.optimizer_cls_and_kwargs
+    with pytest.raises(TaxfreeError, match="under FSDP1: none of its parameters is managed by an FSDP1 unit"):
+        factory()(make_model(1), **kwargs)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -484,14 +489,14 @@ def test_deepspeed_configs_leave_the_optimizer_to_us(stage):
     assert config["gradient_clipping"] == "auto" and config["train_micro_batch_size_per_gpu"] == "auto"
 
 
-def test_fsdp1_shard_pieces_get_a_clear_error():
+def test_fsdp1_shard_pieces_without_binding_get_a_clear_error():
     """FSDP1 with use_orig_params and a sharding strategy exposes 1-D pieces (a 7x6 weight as 42
-    entries on one rank): tau cannot be paired, and the error says what to use instead."""
+    entries on one rank): unbound, tau cannot be paired, and the error says to bind."""
     base, ref = make_model(0), make_model(1)
     piece = nn.Parameter(torch.zeros(42))
     opt = OnTIESAdamW([("_fsdp_wrapped_module.0.weight", piece)], lr=LR)
     with pytest.raises(TaxfreeError, match=r"'_fsdp_wrapped_module.0.weight': parameter shape \(42,\), "
-                       r"ref \(40, 24\).*use FSDP2, DeepSpeed ZeRO, or FSDP1 with NO_SHARD"):
+                       r"ref \(40, 24\).*call optimizer.bind_fsdp1\(fsdp_model\) after wrapping"):
         opt.init_ref_param_diff(ref, base)
 
 

@@ -116,3 +116,63 @@ def test_fsdp2_equals_single_process_when_nothing_is_dropped(tmp_path):
         for n, value in expected.items():
             torch.testing.assert_close(rank0[n], value, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(rank1[n], value, rtol=1e-5, atol=1e-6)
+
+
+def _run_fsdp1(rank, name, kw, steps, bind_before_tau):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+
+    base, ref, policy = make_model(0), make_model(1), make_model(1)
+    opt = None
+    if bind_before_tau:  # tau built for the whole tensors first, then cut to the pieces at binding
+        opt = CLASSES[name](policy.named_parameters(), lr=1e-2, **kw)
+        opt.init_ref_param_diff(ref, base)
+    wrapped = FSDP(policy, use_orig_params=True, device_id=torch.device("cpu"),
+                   sharding_strategy=ShardingStrategy.FULL_SHARD)
+    if opt is None:  # built on the pieces (names carry FSDP1's wrapper prefix), tau after binding
+        opt = CLASSES[name](wrapped.named_parameters(), lr=1e-2, **kw)
+        opt.bind_fsdp1(wrapped)
+        opt.init_ref_param_diff(ref, base)
+    else:
+        opt.bind_fsdp1(wrapped)
+    held = [opt.tau_dense(p).numel() for p in policy.parameters()]
+    assert held == [p.numel() for p in policy.parameters()]  # tau cut to this rank's pieces
+    train(wrapped, opt, steps, rank, same_data_on_ranks=True)
+    with FSDP.summon_full_params(wrapped):
+        result = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in wrapped.named_parameters()}
+    result["__tau_numel__"] = torch.tensor(held)
+    return result
+
+
+def _fsdp1_worker(rank, init_file, kw, steps, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {f"{name}-{order}": _run_fsdp1(rank, name, kw, steps, order == "before")
+                   for name in CLASSES for order in ("before", "after")}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kw", [dict(reserve_p=1.0, alpha=0.2, use_merge=True, weight_decay=0.1),
+                                dict(reserve_p=0.3, alpha=0.2, use_merge=True, rescale=True)],
+                         ids=["nothing-dropped", "onties-top-k-and-rescale"])
+def test_fsdp1_use_orig_params_equals_single_process(tmp_path, kw):
+    """FSDP1 hands the optimizer 1-D pieces (FULL_SHARD over 2 ranks splits tensors between them):
+    with bind_fsdp1 the result equals one process. At reserve_p 1 for both optimizers; at
+    reserve_p < 1 for OnTIES (its top-k threshold and L1 rescale are reduced exactly across ranks;
+    OnDARE's random masks are per piece, as under FSDP2)."""
+    steps = 4
+    mp.spawn(_fsdp1_worker, args=(str(tmp_path / "init"), kw, steps, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    names = list(CLASSES) if kw["reserve_p"] == 1.0 else ["onties"]
+    for name in names:
+        expected = single_process(name, kw, steps)
+        full_numel = sum(p.numel() for p in expected.values())
+        for order in ("before", "after"):
+            rank0, rank1 = ranks[0][f"{name}-{order}"], ranks[1][f"{name}-{order}"]
+            assert int((rank0.pop("__tau_numel__") + rank1.pop("__tau_numel__")).sum()) == full_numel
+            for n, value in expected.items():
+                torch.testing.assert_close(rank0[n], value, rtol=1e-5, atol=1e-6, msg=f"{name} {order} {n}")
+                torch.testing.assert_close(rank1[n], value, rtol=1e-5, atol=1e-6, msg=f"{name} {order} {n}")
+    start = make_model(1).state_dict()
+    assert not torch.equal(ranks[0]["onties-after"]["0.weight"], start["0.weight"])

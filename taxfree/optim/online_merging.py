@@ -167,6 +167,7 @@ class OnlineMergingAdamW(Optimizer):
         self._deferred: tuple[NamedTensors, NamedTensors] | None = None
         self._tau_requested = False  # init_ref_param_diff was called (eagerly or deferred)
         self._layouts: dict[Tensor, FlatLayout] = {}
+        self._fsdp1: dict[int, FlatLayout] = {}  # id(group) -> its FSDP1 pieces (bind_fsdp1)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's, plus a record of the group's own tensors: DeepSpeed later swaps them for flat
@@ -285,8 +286,8 @@ class OnlineMergingAdamW(Optimizer):
         if tuple(r.shape) != tuple(shape) or tuple(b.shape) != tuple(shape):
             hint = ""
             if "_fsdp_wrapped_module" in name.split(".") and len(shape) == 1:
-                hint = (" (FSDP1 with a sharding strategy hands the optimizer 1-D shard pieces: "
-                        "use FSDP2, DeepSpeed ZeRO, or FSDP1 with NO_SHARD)")
+                hint = (" (FSDP1 hands the optimizer 1-D pieces of its shards: call "
+                        "optimizer.bind_fsdp1(fsdp_model) after wrapping)")
             raise TaxfreeError(
                 f"tensor {name!r}: parameter shape {tuple(shape)}, ref "
                 f"{tuple(r.shape)}, base {tuple(b.shape)}{hint}"
@@ -296,8 +297,34 @@ class OnlineMergingAdamW(Optimizer):
         return self.build_task_vector(diff, group, generator)
 
     def _build_tau(self, group: dict, name: str, p: Tensor, ref, base) -> None:
+        layout = self._fsdp1.get(id(group))
+        if layout is not None:  # an FSDP1 piece: cut from the whole tensor's tau
+            from taxfree.optim.fsdp1 import piece_of
+
+            t = next(i for i, q in enumerate(layout.originals) if q is p)
+            full = self._task_vector(name, layout.shapes[t], group, local(p).device, ref, base)
+            self._store_tau(p, piece_of(full, layout, t).to(self.tau_dtype or p.dtype))
+            return
         tau = self._task_vector(name, tuple(p.shape), group, local(p).device, ref, base)
         self._store_tau(p, tau.to(self.tau_dtype or p.dtype))
+
+    def bind_fsdp1(self, model: Any) -> None:
+        """Under FSDP1 (`FullyShardedDataParallel(..., use_orig_params=True)`), call once the
+        model is wrapped: learns which piece of which tensor each parameter now is, cuts a tau
+        built before wrapping down to this rank's pieces, and from then on combines per-tensor
+        quantities across the ranks (taxfree.optim.fsdp1)."""
+        from taxfree.optim.fsdp1 import fsdp1_layout, fsdp1_pieces, piece_of
+
+        pieces = fsdp1_pieces(model)
+        for group in self.param_groups:
+            layout = fsdp1_layout(self, group, pieces)
+            if layout is None:
+                continue
+            self._fsdp1[id(group)] = layout
+            for t, p in enumerate(layout.originals):
+                full = self._full_tau(p, layout.numels[t]) if p in self.state else None
+                if full is not None and full.numel() == layout.numels[t]:
+                    self._store_tau(p, piece_of(full, layout, t))
 
     def _full_tau(self, p: Tensor, numel: int) -> Tensor | None:
         """The tau built for a whole model tensor (before DeepSpeed took it over), flattened;
@@ -405,17 +432,23 @@ class OnlineMergingAdamW(Optimizer):
         for gi, group in enumerate(self.param_groups):
             buckets: dict[Any, list[tuple[int, Tensor]]] = {}
             layouts: dict[Any, FlatLayout] = {}
+            fsdp1 = self._fsdp1.get(id(group))
             for pi, p in enumerate(group["params"]):
+                if fsdp1 is not None and local(p).numel() == 0:
+                    continue  # an FSDP1 piece held by other ranks
                 if p.grad is None:
+                    if fsdp1 is not None:
+                        raise TaxfreeError(f"{type(self).__name__} under FSDP1: parameter {self._describe(gi, pi)} "
+                                           "has no gradient (frozen parameters need a param group of their own)")
                     continue
                 if p.grad.is_sparse:
                     raise TaxfreeError(f"{type(self).__name__} does not support sparse gradients")
-                layout = self.flat_layout(group, p)
+                layout = fsdp1 if fsdp1 is not None else self.flat_layout(group, p)
                 if layout is None and id(p) not in self._original_ids:
                     self._adopt_replacement(group, pi, p)
                 state = self.state[p]
                 if not any(k in state for k in _TAU_KEYS):
-                    if layout is not None:
+                    if layout is not None and not layout.per_param:
                         self._build_flat_tau(group, p, layout)
                     elif self._deferred is not None and id(p) in self._original_ids:
                         self._build_deferred_own(group, p)
@@ -432,16 +465,22 @@ class OnlineMergingAdamW(Optimizer):
                     state["cached_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 lp = local(p)
                 key: Any = (lp.device, lp.dtype)
-                if layout is not None:  # a partition steps alone: its reductions are per partition
+                if fsdp1 is not None:  # every piece of the group in one bucket, its reductions shared
+                    key = ("fsdp1", id(group))
+                    layouts[key] = layout
+                elif layout is not None:  # a partition steps alone: its reductions are per partition
                     key = ("partition", id(p))
                     layouts[key] = layout
                 buckets.setdefault(key, []).append((pi, p))
+            if fsdp1 is not None and not buckets:  # no piece here: still take part in the reductions
+                buckets[("fsdp1", id(group))] = []
+                layouts[("fsdp1", id(group))] = fsdp1
             if not buckets:
                 continue
             group["group_step"] += 1
             for bi, (key, members) in enumerate(buckets.items()):
-                device = local(members[0][1]).device
                 layout = layouts.get(key)
+                device = local(members[0][1]).device if members else layout.device
                 if layout is None:
                     seed = mix_seed(group["seed"], gi, group["group_step"], bi)
                 else:  # group index and rank: different partitions draw different masks
@@ -508,6 +547,11 @@ class OnlineMergingAdamW(Optimizer):
     ) -> None:
         """The Adam part over whole tensors (flat partitions included: it is elementwise), then
         the merge over slots: one per tensor, or one per tensor piece of a partition."""
+        if not params:  # an FSDP1 rank holding none of the group's tensors: only the reductions
+            k = group["online_step"]
+            if k == 1 or group["group_step"] % k == 0:
+                self.apply_merged_update_(group, [], None, generator, layout)
+            return
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
@@ -562,6 +606,22 @@ class OnlineMergingAdamW(Optimizer):
                     tau=local(states[i]["tau"]) if "tau" in states[i] else None,
                     tau_index=states[i].get("tau_index"),
                     tau_value=states[i].get("tau_value"),
+                )
+                for i in merge_at
+            ]
+        elif layout.per_param:  # FSDP1: each parameter is a piece of one tensor of the layout
+            index = {id(p): t for t, p in enumerate(layout.originals)}
+            slots = [
+                MergeSlot(
+                    param=P[i],
+                    exp_avg=states[i]["exp_avg"],
+                    exp_avg_sq=states[i]["exp_avg_sq"],
+                    coefficients=coefficients[i],
+                    tau=states[i].get("tau"),
+                    tau_index=states[i].get("tau_index"),
+                    tau_value=states[i].get("tau_value"),
+                    numel=layout.numels[index[id(params[i])]],
+                    tensor=index[id(params[i])],
                 )
                 for i in merge_at
             ]

@@ -48,6 +48,9 @@ class FlatLayout:
     device: torch.device  # of the partition: where the collectives' buffers live
     seed_key: tuple[int, ...]  # distinguishes the masks of different partitions and ranks
     originals: list[Any] = field(default_factory=list, repr=False)  # the model's tensors, by index
+    # FSDP1: the optimizer's parameters are the pieces themselves (tensor t is originals[t], one
+    # parameter each), not segments of one flat partition
+    per_param: bool = False
 
     @property
     def any_shared(self) -> bool:

@@ -13,11 +13,31 @@ class _ReturnOptimizer:
     """transformers' factory form of `optimizer_cls_and_kwargs`: the Trainer calls
     `factory()(model, **kwargs)` and gets the optimizer the stage already built."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, fsdp1: bool = False):
         self.optimizer = optimizer
+        self.fsdp1 = fsdp1
 
     def __call__(self):
-        return lambda model, **kwargs: self.optimizer
+        return self._give
+
+    def _give(self, model, **kwargs):
+        # Under FSDP1 the Trainer builds the optimizer once the model is wrapped: the moment to
+        # learn which shard piece each parameter has become.
+        if self.fsdp1:
+            bind_fsdp1(self.optimizer, model)
+        return self.optimizer
+
+
+def bind_fsdp1(optimizer: torch.optim.Optimizer, model: Any) -> None:
+    """`optimizer.bind_fsdp1(model)` for our optimizers, with an error when the model holds no
+    FSDP1 unit over the optimizer's parameters (they would be stepped as whole tensors)."""
+    bind = getattr(optimizer, "bind_fsdp1", None)
+    if bind is None:
+        return  # torch's own optimizers work on the pieces elementwise
+    bind(model)
+    if not getattr(optimizer, "_fsdp1", None):
+        raise TaxfreeError(f"{type(optimizer).__name__} under FSDP1: none of its parameters is managed by an FSDP1 "
+                           "unit of the model it was handed")
 
 
 def hand_optimizer_to_trainer(trainer: Any, optimizer: torch.optim.Optimizer | None) -> None:
@@ -32,8 +52,10 @@ def hand_optimizer_to_trainer(trainer: Any, optimizer: torch.optim.Optimizer | N
     `optimizers=(None, None)` (or with the optimizer, except under FSDP), then call this before
     `train()`. A scheduler is then built by the Trainer from `lr_scheduler_type`.
 
-    Errors: a DeepSpeed config with its own "optimizer" section (it would replace ours), and
-    FSDP1 (it would hand the optimizer flattened shard pieces; use FSDP2 or ZeRO)."""
+    Under FSDP1 (`use_orig_params: true`) the optimizer learns, when the Trainer asks for it
+    (after wrapping), which shard piece each parameter has become (`bind_fsdp1`).
+
+    Errors: a DeepSpeed config with its own "optimizer" section (it would replace ours)."""
     if optimizer is None:
         return
     if getattr(trainer, "is_deepspeed_enabled", False):
@@ -44,11 +66,7 @@ def hand_optimizer_to_trainer(trainer: Any, optimizer: torch.optim.Optimizer | N
                 f"({config['optimizer'].get('type')}): remove it to train with "
                 f"{type(optimizer).__name__}"
             )
+    fsdp1 = False
     if getattr(trainer, "is_fsdp_enabled", False):
-        version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
-        if version != 2:
-            raise TaxfreeError(
-                f"{type(optimizer).__name__} under FSDP1: the optimizer would see 1-D shard pieces "
-                "of the tensors; use FSDP2 (fsdp_version: 2) or DeepSpeed ZeRO"
-            )
-    trainer.optimizer_cls_and_kwargs = (_ReturnOptimizer(optimizer), {})
+        fsdp1 = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2
+    trainer.optimizer_cls_and_kwargs = (_ReturnOptimizer(optimizer, fsdp1=fsdp1), {})
