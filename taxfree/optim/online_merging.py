@@ -301,7 +301,7 @@ class OnlineMergingAdamW(Optimizer):
         if layout is not None:  # an FSDP1 piece: cut from the whole tensor's tau
             from taxfree.optim.fsdp1 import piece_of
 
-            t = next(i for i, q in enumerate(layout.originals) if q is p)
+            t = layout.tensor_of(p)
             full = self._task_vector(name, layout.shapes[t], group, local(p).device, ref, base)
             self._store_tau(p, piece_of(full, layout, t).to(self.tau_dtype or p.dtype))
             return
@@ -322,7 +322,7 @@ class OnlineMergingAdamW(Optimizer):
                 continue
             self._fsdp1[id(group)] = layout
             for t, p in enumerate(layout.originals):
-                full = self._full_tau(p, layout.numels[t]) if p in self.state else None
+                full = self._full_tau(p, layout.numels[t])
                 if full is not None and full.numel() == layout.numels[t]:
                     self._store_tau(p, piece_of(full, layout, t))
 
@@ -596,9 +596,11 @@ class OnlineMergingAdamW(Optimizer):
             torch._foreach_sub_([P[i] for i in merge_at], caches)
             torch._foreach_add_(updates, caches)
             torch._foreach_zero_(caches)
-        if layout is None:
-            slots = [
-                MergeSlot(
+        if layout is None or layout.per_param:  # one slot per parameter (FSDP1: a piece of a tensor)
+            slots = []
+            for i in merge_at:
+                t = layout.tensor_of(params[i]) if layout is not None else None
+                slots.append(MergeSlot(
                     param=P[i],
                     exp_avg=local(states[i]["exp_avg"]),
                     exp_avg_sq=local(states[i]["exp_avg_sq"]),
@@ -606,25 +608,9 @@ class OnlineMergingAdamW(Optimizer):
                     tau=local(states[i]["tau"]) if "tau" in states[i] else None,
                     tau_index=states[i].get("tau_index"),
                     tau_value=states[i].get("tau_value"),
-                )
-                for i in merge_at
-            ]
-        elif layout.per_param:  # FSDP1: each parameter is a piece of one tensor of the layout
-            index = {id(p): t for t, p in enumerate(layout.originals)}
-            slots = [
-                MergeSlot(
-                    param=P[i],
-                    exp_avg=states[i]["exp_avg"],
-                    exp_avg_sq=states[i]["exp_avg_sq"],
-                    coefficients=coefficients[i],
-                    tau=states[i].get("tau"),
-                    tau_index=states[i].get("tau_index"),
-                    tau_value=states[i].get("tau_value"),
-                    numel=layout.numels[index[id(params[i])]],
-                    tensor=index[id(params[i])],
-                )
-                for i in merge_at
-            ]
+                    numel=layout.numels[t] if t is not None else 0,
+                    tensor=t,
+                ))
         else:
             (i,) = merge_at  # a partition is stepped alone
             slots = [segment_slot(P[i], states[i], coefficients[i], s, layout) for s in layout.segments]

@@ -88,7 +88,13 @@ class OnTIESAdamW(OnlineMergingAdamW):
         if layout is not None and layout.any_shared:
             self._merge_across_ranks_(group, slots, updates, trims, layout, tau_weight, update_weight)
             return
-        for i, slot in enumerate(slots):
+        self._merge_each_(group, slots, updates, trims, range(len(slots)), tau_weight, update_weight)
+
+    def _merge_each_(self, group, slots, updates, trims, indices, tau_weight, update_weight) -> None:
+        """Merge the slots at `indices` one by one, each trimmed within itself (a whole tensor,
+        or a piece of one no other rank shares)."""
+        for i in indices:
+            slot = slots[i]
             d = flat(updates[i]) if updates[i] is not None else None
             magnitude = None
             if d is None:
@@ -151,17 +157,8 @@ class OnTIESAdamW(OnlineMergingAdamW):
             self._merge_one_(group, slots[i], trims[i], d, magnitudes[i], tau_weight,
                              update_weight, selections[i])
             updates[i] = None
-        for i, slot in enumerate(slots):
-            if i in selections:
-                continue
-            d = flat(updates[i]) if updates[i] is not None else None
-            magnitude = None
-            if d is None:
-                magnitude = update_magnitude(
-                    slot.exp_avg, slot.exp_avg_sq, slot.coefficients, self.scratch(slot.param)
-                )
-            self._merge_one_(group, slot, trims[i], d, magnitude, tau_weight, update_weight)
-            updates[i] = None
+        rest = [i for i in range(len(slots)) if i not in selections]
+        self._merge_each_(group, slots, updates, trims, rest, tau_weight, update_weight)
 
     def _select(self, group: dict, slot: MergeSlot, k: int | None, d, magnitude) -> list:
         """[kept positions, threshold, scale] of the top-k trim of one whole tensor."""

@@ -51,6 +51,13 @@ class FlatLayout:
     # FSDP1: the optimizer's parameters are the pieces themselves (tensor t is originals[t], one
     # parameter each), not segments of one flat partition
     per_param: bool = False
+    _index: dict[int, int] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def tensor_of(self, param: Any) -> int:
+        """Index of the tensor whose piece `param` is (per_param layouts)."""
+        if self._index is None:
+            self._index = {id(p): t for t, p in enumerate(self.originals)}
+        return self._index[id(param)]
 
     @property
     def any_shared(self) -> bool:
