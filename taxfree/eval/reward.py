@@ -64,6 +64,21 @@ def _score_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_
     return torch.where(last_not_pad >= 0, last_not_pad, last_real)
 
 
+def load_reward_model(path: str, label: str | int | None = None, trust_remote_code: bool = False):
+    """(model in eval mode, its tokenizer, the logit index `label` names or None) of a reward
+    model or classifier directory / hub id, with one-line errors."""
+    from transformers import AutoModelForSequenceClassification
+
+    from taxfree.models.load import load_tokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TaxfreeError(f"{path}: cannot load the reward model: {str(e).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer, resolve_reward_label(model, label)
+
+
 def resolve_reward_label(model, label: str | int | None) -> int | None:
     """Which logit of a sequence classifier is the reward: None for a reward model (one logit);
     for a classifier (a sentiment model on IMDB, say) the class named by `label`, by its name in

@@ -141,13 +141,8 @@ class Runner:
 
     def stage_key(self, stage: str, planned: list[str]) -> str:
         module = stage_module(stage)
-        return mf.hash_obj(self._key_parts(stage, module.section(self.cfg), self.stage_inputs(stage, planned)))
-
-    def _key_parts(self, stage: str, section: dict, inputs: dict) -> dict:
-        parts = {"stage": stage, "config": section, "inputs": inputs}
-        if self.cfg.models.chat_template is not None:  # it changes every rendered conversation
-            parts["chat_template"] = self.cfg.models.chat_template
-        return parts
+        return _key(self.cfg, {"stage": stage, "config": module.section(self.cfg),
+                               "inputs": self.stage_inputs(stage, planned)})
 
     # -- running ----------------------------------------------------------------------------
     def run(self, stages: list[str] | None = None) -> dict[str, dict]:
@@ -180,7 +175,7 @@ class Runner:
         stage_dir = cfg.stage_dir(stage)
         inputs = self.stage_inputs(stage, planned)
         section = module.section(cfg)
-        key = mf.hash_obj(self._key_parts(stage, section, inputs))
+        key = _key(cfg, {"stage": stage, "config": section, "inputs": inputs})
         old = mf.read_manifest(stage_dir)
         if old is not None and old.get("key") == key and not self.force:
             log(f"{stage}: up to date ({stage_dir})")
@@ -228,6 +223,14 @@ class Runner:
         self._fresh[stage] = run_id
         log(f"{stage}: done in {manifest['duration_s']:.1f}s; " + _summary(metrics))
         return manifest
+
+
+def _key(cfg: ExperimentConfig, parts: dict) -> str:
+    """The key of a stage or variant run: its parts, plus the run-wide settings that change what
+    every stage computes (the chat template renders every conversation)."""
+    if cfg.models.chat_template is not None:
+        parts = {**parts, "chat_template": cfg.models.chat_template}
+    return mf.hash_obj(parts)
 
 
 def _begin(directory: Path, key: str, force: bool, wipe: bool) -> bool:
@@ -322,10 +325,7 @@ def run_variants(ctx: StageContext, variants: dict[str, dict], fn, inputs_of=Non
     for name, vconfig in variants.items():
         vdir = ctx.dir / name
         vinputs = ctx.inputs if inputs_of is None else {k: ctx.inputs[k] for k in inputs_of(name) if k in ctx.inputs}
-        parts = {"stage": ctx.name, "variant": name, "config": vconfig, "inputs": vinputs}
-        if ctx.cfg.models.chat_template is not None:
-            parts["chat_template"] = ctx.cfg.models.chat_template
-        key = mf.hash_obj(parts)
+        key = _key(ctx.cfg, {"stage": ctx.name, "variant": name, "config": vconfig, "inputs": vinputs})
         old = mf.read_manifest(vdir)
         if old is not None and old.get("key") == key and not ctx.force:
             log(f"{ctx.name}/{name}: up to date")

@@ -234,18 +234,10 @@ class _Shared:
 
     def reward_model(self):
         if self._rm is None:
-            from transformers import AutoModelForSequenceClassification
-
-            from taxfree.models.load import load_tokenizer
+            from taxfree.eval.reward import load_reward_model
 
             _, path = reward_model_source(self.cfg)
-            try:
-                rm = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=self.trust).eval()
-            except (OSError, ValueError) as e:
-                raise TaxfreeError(f"{path}: cannot load the reward model: {str(e).splitlines()[0]}") from None
-            from taxfree.eval.reward import resolve_reward_label
-
-            self._rm = (rm, load_tokenizer(path, trust_remote_code=self.trust), resolve_reward_label(rm, self.sec.reward_label))
+            self._rm = load_reward_model(path, self.sec.reward_label, self.trust)
         return self._rm
 
     def pairrm(self):

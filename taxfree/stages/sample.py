@@ -109,18 +109,10 @@ def generate(model, tokenizer, prompts: list, k: int, temperature: float, top_p:
 def load_reward_scorer(cfg):
     """(model, tokenizer, label) that score samples: `sample.reward_model` with `reward_label`, or
     the run's rm model."""
-    from transformers import AutoModelForSequenceClassification
+    from taxfree.eval.reward import load_reward_model
 
-    from taxfree.eval.reward import resolve_reward_label
-
-    trust = cfg.models.trust_remote_code
     _, rm_dir = reward_model_source(cfg)
-    rm_tok = load_tokenizer(str(rm_dir), trust_remote_code=trust)
-    try:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), trust_remote_code=trust).eval()
-    except (OSError, ValueError) as e:
-        raise TaxfreeError(f"{rm_dir}: cannot load the reward model: {str(e).splitlines()[0]}") from None
-    return reward_model, rm_tok, resolve_reward_label(reward_model, cfg.sample.reward_label)
+    return load_reward_model(rm_dir, cfg.sample.reward_label, cfg.models.trust_remote_code)
 
 
 def sample_prompts(cfg) -> list:

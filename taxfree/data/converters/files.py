@@ -76,13 +76,14 @@ def read_upstream(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     suffix = _suffix(path)
     if suffix == ".parquet":
         yield from _read_parquet(path)
-    elif suffix in (".json", ".json.gz") and _first_char(path) == "[":
-        yield from _read_json_document(path)
-    elif suffix in (".json", ".json.gz") and _is_id_mapping(path):
-        yield from _read_json_document(path)
     elif suffix:
-        for lineno, row in iter_jsonl(path):
-            yield f"{path}:{lineno}", row
+        first = _first_char(path) if suffix in (".json", ".json.gz") else ""
+        doc = _load_json(path) if first == "[" else _id_mapping(path) if first == "{" else None
+        if doc is not None:
+            yield from _document_rows(path, doc)
+        else:  # JSON lines, also when named .json (TL;DR's batches)
+            for lineno, row in iter_jsonl(path):
+                yield f"{path}:{lineno}", row
     else:
         raise TaxfreeError(f"{path}: unknown upstream file type (expected one of {', '.join(UPSTREAM_SUFFIXES)})")
 
@@ -99,35 +100,37 @@ def _first_char(path: Path) -> str:
         raise TaxfreeError(f"{path}: unreadable ({exc})") from None
 
 
-def _is_id_mapping(path: Path) -> bool:
-    """One JSON object of id -> row (chitchat's dataset.json), not JSON lines that happen to be
-    named .json (TL;DR's batches): the whole file parses as one object whose values are all objects."""
-    if _first_char(path) != "{":
-        return False
+def _load_json(path: Path):
+    """The file as one JSON document; a malformed one is an error naming its line."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        return False  # JSON lines (or broken: the line reader names the bad line)
-    return isinstance(doc, dict) and bool(doc) and all(isinstance(v, dict) for v in doc.values())
-
-
-def _read_json_document(path: Path) -> Iterator[tuple[str, object]]:
-    """A JSON array of rows, or an object of id -> row (the row gets its id as "id")."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            items = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as exc:
         raise TaxfreeError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TaxfreeError(f"{path}: unreadable ({exc})") from None
-    if isinstance(items, dict):
-        for key, row in items.items():
-            yield f"{path}: {key}", ({"id": key, **row} if isinstance(row, dict) else row)
+
+
+def _id_mapping(path: Path) -> dict | None:
+    """The file as one JSON object of id -> row (chitchat's dataset.json), or None when it is not
+    one: JSON lines that happen to start with "{" (or broken: the line reader names the bad line)."""
+    try:
+        doc = _load_json(path)
+    except TaxfreeError:
+        return None
+    if isinstance(doc, dict) and doc and all(isinstance(v, dict) for v in doc.values()):
+        return doc
+    return None
+
+
+def _document_rows(path: Path, doc) -> Iterator[tuple[str, object]]:
+    """Rows of a JSON array, or of an object of id -> row (the row gets its id as "id")."""
+    if isinstance(doc, dict):
+        for key, row in doc.items():
+            yield f"{path}: {key}", {"id": key, **row}
         return
-    for i, row in enumerate(items):
+    for i, row in enumerate(doc):
         yield f"{path}: item {i + 1}", row
 
 
