@@ -9,7 +9,9 @@ export PIP_CONSTRAINT := $(CURDIR)/requirements/constraints.txt
 export HF_HUB_DISABLE_TELEMETRY := 1
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-STAGES := pretrain sft rm sample align merge ama evaluate report
+# One target per stage, read from the stage order (taxfree/pipeline/stages.py) so a new stage
+# gets its target without an edit here.
+STAGES := $(shell sed -n 's/^STAGE_ORDER = \[\(.*\)\]/\1/p' taxfree/pipeline/stages.py | tr -d '",')
 
 .PHONY: venv test test-fast demo run validate bench data opencompass-env clean-venv $(STAGES)
 

@@ -64,7 +64,7 @@ preset_stages() {  # the stages a preset runs, in order (its `stages:` list, els
   "$python" - "$1" <<'PY'
 import sys
 import yaml
-from taxfree.pipeline.config import STAGE_ORDER
+from taxfree.pipeline.stages import STAGE_ORDER
 data = yaml.safe_load(open(sys.argv[1], encoding="utf-8")) or {}
 stages = data.get("stages")
 if not stages:

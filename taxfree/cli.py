@@ -8,20 +8,7 @@ import sys
 
 from taxfree import __version__
 from taxfree.errors import TaxfreeError, disk_full_error, is_disk_full
-from taxfree.pipeline.config import IMPLEMENTED_STAGES, STAGE_ORDER
-
-STAGE_HELP = {
-    "world": "write the tiny world's data and tokenizer",
-    "pretrain": "pretrain the tiny base model on the world's corpus",
-    "sft": "supervised fine-tuning (TRL SFTTrainer, loss on responses)",
-    "rm": "train the reward model",
-    "sample": "sample K completions per prompt and score them",
-    "align": "preference alignment (DPO, IPO, KTO, EXO, ...) x optimizer",
-    "merge": "post-hoc averaging of SFT and aligned models",
-    "ama": "adaptive model averaging",
-    "evaluate": "reward, PairRM and benchmarks for every model",
-    "report": "results table and reward-vs-tax plot (CONFIG, or a run directory: taxfree report RUN_DIR)",
-}
+from taxfree.pipeline.stages import STAGE_ORDER, all_stages
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,13 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGE_ORDER)}")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if finished")
 
-    for stage in STAGE_ORDER:
-        if stage not in IMPLEMENTED_STAGES or stage in _OWN_COMMANDS:
+    for declared in all_stages():
+        if declared.name in _OWN_COMMANDS:
             continue
-        p = sub.add_parser(stage, help=STAGE_HELP[stage])
+        p = sub.add_parser(declared.name, help=declared.help, description=declared.help,
+                           epilog=_STAGE_EPILOGS.get(declared.name, lambda: None)(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="re-run even if finished")
-        p.set_defaults(stage=stage)
+        p.set_defaults(stage=declared.name)
 
     try:
         from taxfree.merging.cli import add_merge_arguments
@@ -92,6 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Stages whose name is also a standalone command; `taxfree <name> CONFIG` runs the stage.
 _OWN_COMMANDS = ("merge",)
+
+
+def _align_epilog() -> str:
+    """The methods and optimizers `align.methods` / `align.optimizers` take, from their registries."""
+    from taxfree.losses.methods import methods
+    from taxfree.optim.registry import optimizers
+
+    lines = ["align.methods (taxfree.losses.methods):"]
+    for m in methods().values():
+        settings = ", ".join(p.name for p in m.params)
+        lines.append(f"  {m.name:<10} {m.help} [{settings}]{' (needs the sample stage)' if m.needs_samples else ''}")
+    lines.append("align.optimizers (taxfree.optim.registry):")
+    for o in optimizers().values():
+        extra = ", ".join(p.name for p in o.hyperparameters)
+        lines.append(f"  {o.name:<10} {o.help}" + (f" [{extra}]" if extra else ""))
+    return "\n".join(lines)
+
+
+_STAGE_EPILOGS = {"align": _align_epilog}
 
 
 def _parse_stages(text: str | None) -> list[str] | None:

@@ -22,6 +22,49 @@ _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 DEFAULT_PORT = 29500
 
 
+class Ranks:
+    """The processes of a multi-process launch (accelerate, torchrun, mpirun): rank 0 writes
+    results (directories, markers, manifests); every rank trains; the others wait for rank 0 at
+    `barrier()` and take its decisions (`share`). One process: every call is a no-op."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))  # every launcher sets RANK (and WORLD_SIZE)
+        self.main = self.rank == 0
+        self.state = None
+        if self.world > 1:
+            import torch
+            from accelerate import PartialState
+
+            cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+            self.state = PartialState(cpu=cpu)  # initializes the process group the Trainer then reuses
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def share(self, value):
+        """Rank 0's value on every rank."""
+        if self.state is None:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+_RANKS: Ranks | None = None
+
+
+def ranks() -> Ranks:
+    """This process's place in the launch, made once per process."""
+    global _RANKS
+    if _RANKS is None:
+        _RANKS = Ranks()
+    return _RANKS
+
+
 def launched_by_mpi(environ=os.environ) -> bool:
     """True inside a multi-process MPI job whose ranks lack torch.distributed's variables."""
     if all(k in environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):

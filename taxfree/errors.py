@@ -34,3 +34,12 @@ def disk_full_error(exc: OSError, what: str | None = None, kept: str | None = No
 
     reason = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
     return DiskFullError(str(what or exc.filename or "output"), reason, kept)
+
+
+def nearest(word, options) -> str:
+    """` (did you mean X?)` for the closest of `options`, or an empty string: the one hint every
+    unknown-name error of the project gives."""
+    import difflib
+
+    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""

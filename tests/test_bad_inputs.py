@@ -6,6 +6,7 @@ traceback, and nothing written. docs/reliability.md lists the same cases with th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -48,6 +49,28 @@ def assert_user_error(rc, err, expected, only_line=True):
     assert expected in errors[0], f"{expected!r} not in {errors[0]!r}"
     if only_line:
         assert err.endswith("\n") and err.count("\n") == 1 and lines == errors, err
+    return errors[0]
+
+
+def _doc_rows() -> dict[str, str]:
+    """docs/reliability.md's case tables: case id -> the message the row says the user gets."""
+    rows = {}
+    for line in (REPO / "docs" / "reliability.md").read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\| `([^`]+)` \|.*\| `(error: [^`]*)` \|$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+DOC_ROWS = _doc_rows()
+
+
+def assert_doc_says(case: str, line: str, **where: Path):
+    """The doc's row for `case` is the message the user got, with the test's own paths written
+    as the doc writes them (`where`: the printed name -> the path)."""
+    for name, path in sorted(where.items(), key=lambda kv: -len(str(kv[1]))):
+        line = line.replace(str(path), name)
+    assert DOC_ROWS.get(case) == line, f"docs/reliability.md row {case!r}: {DOC_ROWS.get(case)!r} != {line!r}"
 
 
 def snapshot(root: Path) -> dict:
@@ -190,8 +213,9 @@ def test_bad_data_file(tmp_path, capsys, case, kind, content, expected):
     f.write_bytes(content)
     before = snapshot(tmp_path)
     rc, out, err = run_cli(["data", "validate", kind, f], capsys)
-    assert_user_error(rc, err, expected.format(f=f))
+    line = assert_user_error(rc, err, expected.format(f=f))
     assert out == "" and snapshot(tmp_path) == before
+    assert_doc_says(case, line, FILE=f)
 
 
 def test_data_validate_unknown_kind_and_missing_file(tmp_path, capsys):
@@ -217,10 +241,11 @@ CONFIG_CASES = [
     ("alpha-out-of-range", ["align.optimizer.alpha=-0.1"], "align.optimizer.alpha: -0.1 is outside [0, 1]"),
     ("negative-beta", ["align.beta=-0.1"], "align.beta: must be > 0"),
     ("zero-beta-r", ["align.beta_r=0"], "align.beta_r: must be > 0"),
-    ("label-smoothing", ["align.label_smoothing=0.7"], "align.label_smoothing: must be in [0, 0.5)"),
+    ("label-smoothing", ["align.label_smoothing=0.7"], "align.label_smoothing: 0.7 is outside [0, 0.5)"),
     ("k-above-completions", ["align.methods=[exo-rw]", "align.num_completions=8", "sample.num_completions=4"],
      "align.num_completions: K = 8 is more than the 4 completions per prompt the sample stage draws"),
     ("k-below-two", ["align.num_completions=1"], "align.num_completions: must be >= 2"),
+    ("max-steps-negative", ["sft.max_steps=-3"], "sft.max_steps: -3: must be -1 (train by epochs) or a number of steps >= 1"),
     ("name-dotdot", ["name=.."], "name: must be a plain directory name, got '..'"),
     ("name-slash", ["name=../escape"], "name: must be a plain directory name, got '../escape'"),
     ("evaluate-model-escape", ["stages=[evaluate]", "evaluate.models=[../../outside]"],
@@ -274,9 +299,34 @@ def test_bad_config_or_input(kit, tmp_path, capsys, command, case, overrides, ex
     before = snapshot(kit)
     sets = [a for o in overrides for a in ("--set", o.format(k=kit))]
     rc, out, err = run_cli([command, path, *sets], capsys)
-    assert_user_error(rc, err, f"{path}: {expected.format(k=kit)}")
+    line = assert_user_error(rc, err, f"{path}: {expected.format(k=kit)}")
     assert out == ""
     assert not runs.exists() and snapshot(kit) == before
+    assert_doc_says(case, line, **{"exp.yaml": path, "K": kit})
+
+
+CONFIG_FILE_CASES = [
+    # id, the config file's text, expected message after "<config>: "
+    ("repeated-key", "name: a\nseed: 1\nname: b\n", "line 3: invalid YAML: key 'name' is given twice (lines 1 and 3)"),
+    ("repeated-key-in-section", "name: a\nsft:\n  lr: 1.0e-5\n  epochs: 1\n  lr: 2.0e-5\n",
+     "line 5: invalid YAML: key 'lr' is given twice (lines 3 and 5)"),
+    ("empty-config", "", "the file is empty (or only comments): write the experiment's sections"),
+    ("comments-only-config", "# name: demo\n\n", "the file is empty (or only comments): write the experiment's sections"),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("case,text,expected", CONFIG_FILE_CASES, ids=[c[0] for c in CONFIG_FILE_CASES])
+def test_bad_config_file(tmp_path, capsys, command, case, text, expected):
+    """What YAML would accept silently (a key given twice: the last wins) or a config with nothing
+    in it (the whole default experiment would run) is one error line, and nothing is written."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(text, encoding="utf-8")
+    before = snapshot(tmp_path)
+    rc, out, err = run_cli([command, path], capsys)
+    line = assert_user_error(rc, err, f"{path}: {expected}")
+    assert out == "" and snapshot(tmp_path) == before
+    assert_doc_says(case, line, **{"exp.yaml": path})
 
 
 def test_stage_command_writes_nothing_on_bad_input(kit, tmp_path, capsys):
@@ -374,7 +424,8 @@ def test_bad_merge(merge_models, tmp_path, capsys, case, argv, expected):
     out = tmp_path / "out"
     before = snapshot(merge_models)
     rc, stdout, err = run_cli(["merge", *[a.format(m=merge_models) for a in argv], "--out", out], capsys)
-    assert_user_error(rc, err, expected.format(m=merge_models))
+    line = assert_user_error(rc, err, expected.format(m=merge_models))
+    assert_doc_says(case, line.replace(f"{merge_models}/", ""))
     assert not out.exists() and leftovers(tmp_path) == [] and snapshot(merge_models) == before
 
 
@@ -457,7 +508,7 @@ def test_disk_full_keeps_complete_checkpoints_for_the_resume(tmp_path, capsys, m
     from conftest import TINY_EXPERIMENT
     from taxfree.pipeline.manifest import MANIFEST, STARTED
 
-    real = world.run
+    real = world.STAGE
 
     def run(ctx):
         for step, complete in ((2, True), (4, False)):
@@ -468,7 +519,7 @@ def test_disk_full_keeps_complete_checkpoints_for_the_resume(tmp_path, capsys, m
                 (d / "trainer_state.json").write_text('{"global_step": 2}')
         raise _enospc(ctx.checkpoint_dir / "checkpoint-4" / "optimizer.pt")
 
-    monkeypatch.setattr(world, "run", run)
+    monkeypatch.setattr(world, "STAGE", dataclasses.replace(real, run=run))
     runs = tmp_path / "runs"
     path = write_config(tmp_path, dict(copy.deepcopy(TINY_EXPERIMENT), run_dir=str(runs)))
     rc, _, err = run_cli(["world", path], capsys)
@@ -478,7 +529,7 @@ def test_disk_full_keeps_complete_checkpoints_for_the_resume(tmp_path, capsys, m
                                "and re-run to resume", only_line=False)
     assert sorted(p.name for p in (stage / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert (stage / STARTED).is_file() and not (stage / MANIFEST).exists()
-    monkeypatch.setattr(world, "run", real)
+    monkeypatch.setattr(world, "STAGE", real)
     rc, _, err = run_cli(["world", path], capsys)
     assert rc == 0 and "world: resuming" in err
 
@@ -506,9 +557,10 @@ def test_disk_full_during_a_training_checkpoint(tmp_path, capsys, monkeypatch):
 
 
 def test_every_case_is_in_the_reliability_doc():
-    """docs/reliability.md lists the matrix; its count matches the cases here."""
+    """docs/reliability.md lists the matrix; its count matches the cases here (the matrix tests
+    check each row's message against what the user got)."""
     doc = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8")
-    ids = [c[0] for c in DATA_CASES + CONFIG_CASES + MERGE_CASES] + [
+    ids = [c[0] for c in DATA_CASES + CONFIG_CASES + CONFIG_FILE_CASES + MERGE_CASES] + [
         "unknown-kind", "missing-file", "overlong-prompt", "disk-full-atomic-write", "disk-full-merge",
         "disk-full-stage", "disk-full-checkpoint", "disk-full-keeps-checkpoints"]
     for case in ids:

@@ -7,7 +7,8 @@ soon as it has saved some progress, checks that nothing claims to be finished (n
 start marker, no final output), and runs the command again. The second run must say it resumes
 and must not start over (checked per stage), and on CPU its result is bitwise the reference's:
 
-- pretrain, sft, rm, align (adamw, ondare, onties): the model weights (the Trainer restores
+- pretrain, sft, rm, align (dpo with adamw, ondare, onties; exo-pref with adamw, on our
+  ContrastiveTrainer): the model weights (the Trainer restores
   model, optimizer, scheduler, RNG state and data position) and every metric (train_loss to
   1e-9: it is rebuilt from the checkpoint's log history).
 - sample: rw.jsonl and collected.jsonl byte for byte (each chunk of prompts has its own seed;
@@ -89,11 +90,17 @@ def _run(args) -> subprocess.CompletedProcess:
 
 
 def _first_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """A checkpoint the resume will use: transformers writes trainer_state.json last and in place,
+    so the file existing is not enough (a kill while it is being written leaves a partial one,
+    and the product then rightly discards the checkpoint): it must parse."""
     if not ckpt_dir.is_dir():
         return None
     for d in sorted(ckpt_dir.glob("checkpoint-*")):
-        if (d / "trainer_state.json").is_file():
-            return d
+        try:
+            json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return d
     return None
 
 
@@ -250,6 +257,17 @@ def test_align_resumes_to_the_uninterrupted_result(tmp_path, downstream, optimiz
     assert read_manifest(out)["metrics"]["steps"] == 12
 
 
+@pytest.mark.slow
+def test_contrastive_align_resumes_to_the_uninterrupted_result(tmp_path):
+    """A method of our ContrastiveTrainer (exo-pref; kto-pair and the K-way EXO family run on the
+    same trainer) resumes like TRL's: bitwise the uninterrupted weights."""
+    overrides = ["align.methods=[exo-pref]", "align.optimizers=[adamw]", "ama.aligned=null"]
+    ref, out = _kill_and_resume(tmp_path, ["world", "pretrain", "sft", "align"], "align", overrides,
+                                variant="exo-pref-adamw")
+    _assert_same_result(ref, out)
+    assert read_manifest(out)["metrics"]["steps"] == 12
+
+
 def _chunks(out: Path) -> list[Path]:
     d = out / "chunks"
     return sorted(d.glob("[0-9]*.jsonl")) if d.is_dir() else []
@@ -334,7 +352,7 @@ def test_evaluate_resumes_without_redoing_finished_models(tmp_path, downstream):
 
 def test_a_checkpoint_killed_while_saving_is_not_resumed_from(tmp_path):
     """checkpoint-N without trainer_state.json (written last) is a half-saved one: skipped, removed."""
-    from taxfree.stages.common import last_checkpoint
+    from taxfree.pipeline.rundir import last_checkpoint
 
     ckpt = tmp_path / "checkpoints"
     assert last_checkpoint(tmp_path) is None

@@ -96,7 +96,7 @@ def test_exo_pref_matches_trl_exo_pair_at_same_eps():
         ]
     )
     theirs = trl_exo_pair(z_w - z_l, beta, eps)
-    # "Same loss up to a constant" (ALGORITHMS.md 2): the constant is the same for every pair
+    # "Same loss up to a constant" (docs/algorithms.md 2): the constant is the same for every pair
     # and is in fact zero, as both are KL(p || (1 - eps, eps)).
     diff = ours - theirs
     assert torch.allclose(diff, diff[0].expand_as(diff), atol=1e-12)

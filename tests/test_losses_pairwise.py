@@ -9,15 +9,14 @@ import torch
 from taxfree.errors import TaxfreeError
 from taxfree.losses import (
     CONTRASTIVE_KINDS,
-    LOSS_NAMES,
-    METHOD_BACKENDS,
     TAXFREE_CONTRASTIVE,
     TRL_DPO,
     TRL_KTO,
+    align_method,
     dpo_sigmoid_loss,
     hinge_loss,
     ipo_loss,
-    method_backend,
+    methods,
 )
 
 
@@ -73,28 +72,34 @@ def test_pairwise_bad_arguments(call, message):
         call()
 
 
-def test_method_table_covers_every_method_once():
-    assert set(LOSS_NAMES) == {
+def test_method_registry_covers_every_method_once():
+    assert set(methods()) == {
         "dpo", "ipo", "hinge", "exo-pair", "kto", "kto-pair", "exo-pref", "exo-rw", "dpo-rw", "dpo-pref"
     }
-    ours = {name for name, b in METHOD_BACKENDS.items() if b.trainer == TAXFREE_CONTRASTIVE}
+    ours = {name for name, m in methods().items() if m.trainer == TAXFREE_CONTRASTIVE}
     assert ours == set(CONTRASTIVE_KINDS) | {"kto-pair"}
-    assert method_backend("kto").trainer == TRL_KTO
-    assert method_backend("exo-pair") == METHOD_BACKENDS["exo-pair"]
+    assert align_method("kto").trainer == TRL_KTO
+    assert {name for name, m in methods().items() if m.needs_samples} == {"exo-rw", "dpo-rw"}
+    assert {name for name, m in methods().items() if not m.pairwise} == {"exo-rw", "dpo-rw"}
 
 
-def test_trl_loss_names_exist_in_installed_trl():
-    from trl import KTOConfig
+def test_trl_loss_names_and_arguments_exist_in_installed_trl():
+    import dataclasses
+
+    from trl import DPOConfig, KTOConfig
     from trl.trainer import dpo_trainer
 
     source = inspect.getsource(dpo_trainer.DPOTrainer)
-    for name, backend in METHOD_BACKENDS.items():
-        if backend.trainer == TRL_DPO:
-            assert f'loss_type == "{backend.loss_type}"' in source, name
+    fields = {TRL_DPO: {f.name for f in dataclasses.fields(DPOConfig)}, TRL_KTO: {f.name for f in dataclasses.fields(KTOConfig)}}
+    for name, m in methods().items():
+        if m.trainer == TRL_DPO:
+            assert f'loss_type == "{m.loss_type}"' in source, name
+        if m.trainer in fields:
+            assert set(m.trainer_args) <= fields[m.trainer], name  # every mapped setting is a real argument
     kto_choices = KTOConfig.__dataclass_fields__["loss_type"].metadata["choices"]
-    assert all(b.loss_type in kto_choices for b in METHOD_BACKENDS.values() if b.trainer == TRL_KTO)
+    assert all(m.loss_type in kto_choices for m in methods().values() if m.trainer == TRL_KTO)
 
 
 def test_unknown_method_suggests_nearest():
     with pytest.raises(TaxfreeError, match=r"unknown alignment method 'exo_rw' \(did you mean exo-rw\?\)"):
-        method_backend("exo_rw")
+        align_method("exo_rw")

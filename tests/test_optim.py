@@ -1,4 +1,4 @@
-"""The online merging optimizers against the invariants of ALGORITHMS.md 1.5."""
+"""The online merging optimizers against the invariants of docs/algorithms.md 1.5."""
 
 from __future__ import annotations
 

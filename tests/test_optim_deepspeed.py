@@ -246,7 +246,7 @@ def test_zero_equals_single_process(world, name):
 @pytest.mark.dist
 @pytest.mark.parametrize("rescale", [False, True])
 def test_zero_ondare_dropout_invariants_per_tensor(world, rescale):
-    """ALGORITHMS.md 1.5.3 per original tensor: about q of the entries get an update, each D/q;
+    """docs/algorithms.md 1.5.3 per original tensor: about q of the entries get an update, each D/q;
     with rescale one factor per tensor (across its pieces on both ranks) restores |D|_1."""
     stage, ranks = world
     q = 0.3

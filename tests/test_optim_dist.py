@@ -1,4 +1,4 @@
-"""DDP and FSDP2 (DTensor parameters) with 2 CPU processes on gloo (ALGORITHMS.md 1.5 inv. 6)."""
+"""DDP and FSDP2 (DTensor parameters) with 2 CPU processes on gloo (docs/algorithms.md 1.5 inv. 6)."""
 
 from __future__ import annotations
 

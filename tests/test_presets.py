@@ -1,5 +1,5 @@
 """Paper presets (configs/experiments/*.yaml): each validates, offline, against data laid out exactly
-as scripts/download_data.sh writes it, and keeps the authors' hyperparameters (ALGORITHMS.md)."""
+as scripts/download_data.sh writes it, and keeps the authors' hyperparameters (docs/algorithms.md)."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def test_paper_preset_header_names_paper_and_columns(name):
     table = [line for line in header.splitlines() if line.startswith("# |")]
     assert len(table) >= 4, f"{name}: no table of published numbers"
     assert "paper" in table[0] and "ours" in table[0]
-    # Numbers not given in ALGORITHMS.md or the issue are pointed to, not invented.
+    # Numbers not given in docs/algorithms.md or the issue are pointed to, not invented.
     numbers = {float(x) for line in table[2:] for x in re.findall(r"\b\d+\.\d+\b", line)
                if not line.startswith("# | model averaging")}
     if name == "online_merging_qwen1.5_7b":
@@ -139,7 +139,7 @@ def test_paper_preset_header_names_paper_and_columns(name):
         rows = {line.split("|")[1].strip(): line.split("|")[2] for line in table[2:]}
         assert "58.4" in rows["AdamW"] and "59.5" in rows["OnDARE"] and "58.9" in rows["OnTIES"]
     else:
-        assert numbers == set(), f"{name}: published numbers not in ALGORITHMS.md / the issue: {numbers}"
+        assert numbers == set(), f"{name}: published numbers not in docs/algorithms.md / the issue: {numbers}"
         assert "see paper" in "\n".join(table)
 
 

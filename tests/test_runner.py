@@ -1,5 +1,6 @@
 """Run directories, manifests, skip / re-run / downstream invalidation, --force, resume."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_interrupted_stage_leaves_no_manifest(tiny_experiment, monkeypatch):
         (ctx.dir / "partial.txt").write_text("half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(world, "run", boom)
+    monkeypatch.setattr(world, "STAGE", dataclasses.replace(world.STAGE, run=boom))
     with pytest.raises(KeyboardInterrupt):
         _run(path, ["world"])
     assert not (root / "world" / MANIFEST).exists()
@@ -118,14 +119,14 @@ def test_interrupted_stage_leaves_no_manifest(tiny_experiment, monkeypatch):
     seen = {}
     import taxfree.stages.world as world2
 
-    real = world2.run
+    real = world2.STAGE.run
 
     def spy(ctx):
         seen["resumed"] = ctx.resumed
         seen["partial"] = (ctx.dir / "partial.txt").exists()
         return real(ctx)
 
-    monkeypatch.setattr(world2, "run", spy)
+    monkeypatch.setattr(world2, "STAGE", dataclasses.replace(world2.STAGE, run=spy))
     runner.run(["world"])
     assert seen == {"resumed": True, "partial": True}
     assert read_manifest(root / "world")["key"] == started["key"]

@@ -151,7 +151,7 @@ def test_ama_can_learn_on_the_aligned_models_own_best_of_k(run, tmp_path):
     from taxfree.data.records import completion_text, read_jsonl
     from taxfree.eval.reward import score_with_reward_model
     from taxfree.models.load import load_causal_lm, load_tokenizer
-    from taxfree.stages.sample import chunk_seed, generate
+    from taxfree.stages.sample import chunk_seed, generate, needs_samples
     from transformers import AutoModelForSequenceClassification
 
     tmp, _, data, root = run
@@ -160,7 +160,7 @@ def test_ama_can_learn_on_the_aligned_models_own_best_of_k(run, tmp_path):
     data["sample"]["max_prompts"] = 6
     path = write_config(tmp, data, name="ama_aligned.yaml")
     cfg = load_config(path)
-    assert not cfg.needs_samples()  # dpo only: no stage needs the sample stage's samples any more
+    assert not needs_samples(cfg)  # dpo only: no stage needs the sample stage's samples any more
     Runner(cfg).run(["ama"])
     vdir = root / "ama" / "dpo-adamw"
     samples = read_jsonl(vdir / "samples.jsonl", "rw")

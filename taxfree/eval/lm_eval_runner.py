@@ -12,13 +12,12 @@ computed, are kept as `"<metric>_stderr"`. Groups (e.g. `mmlu`) appear as their 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from taxfree.errors import TaxfreeError
+from taxfree.errors import TaxfreeError, nearest
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +51,7 @@ def _task_manager(tasks: list[str], include_path: str | None):
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        hints = []
-        for t in unknown:
-            close = difflib.get_close_matches(t, manager.all_tasks, n=1)
-            hints.append(f"{t} (did you mean {close[0]}?)" if close else t)
+        hints = [f"{t}{nearest(t, manager.all_tasks)}" for t in unknown]
         raise TaxfreeError(f"lm-eval: unknown task(s): {', '.join(hints)}")
     return manager
 

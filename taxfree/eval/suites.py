@@ -13,11 +13,10 @@ tasks' own defaults unless given here.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Literal
 
-from taxfree.errors import TaxfreeError
+from taxfree.errors import TaxfreeError, nearest
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,7 @@ SUITES: dict[str, BenchmarkSuite] = {
 
 def get_suite(name: str) -> BenchmarkSuite:
     if name not in SUITES:
-        close = difflib.get_close_matches(name, SUITES, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(sorted(SUITES))})"
+        hint = nearest(name, SUITES) or f" (known: {', '.join(sorted(SUITES))})"
         raise TaxfreeError(f"unknown benchmark suite {name!r}{hint}")
     return SUITES[name]
 

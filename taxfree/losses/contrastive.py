@@ -1,4 +1,4 @@
-"""K-way contrastive alignment losses of the EXO paper (arXiv 2402.00856), ALGORITHMS.md 2.
+"""K-way contrastive alignment losses of the EXO paper (arXiv 2402.00856), docs/algorithms.md 2.
 
 Each prompt has K completions with log-ratios z_i (policy vs reference, summed over response
 tokens) and rewards r_i. The policy's distribution over the K completions is
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from taxfree.errors import TaxfreeError
 from taxfree.losses._checks import check_positive
+from taxfree.losses.methods import SAMPLES, TAXFREE_CONTRASTIVE, AlignMethod
+from taxfree.params import Param
 
 CONTRASTIVE_KINDS = ("exo-rw", "exo-pref", "dpo-rw", "dpo-pref")
 
@@ -87,3 +89,30 @@ def contrastive_loss(
     else:
         per_prompt = -(log_q.exp() * log_p).sum(dim=1)
     return per_prompt.mean()
+
+
+BETA_PI = Param("beta_pi", 0.1, float, "policy scale of the K-way methods: p = softmax(beta_pi * z)", within="> 0")
+BETA_R = Param("beta_r", 0.1, float, "reward temperature of the *-rw methods: q = softmax(r / beta_r)", within="> 0")
+PREF_EPS = Param("pref_eps", 4.54e-5, float, "target mass on the loser of exo-pref / exo-pair", within="(0, 0.5)")
+
+
+def _kind(kind: str):
+    def loss(logratios, rewards, **settings):
+        return contrastive_loss(kind, logratios, rewards, **settings)
+
+    loss.__name__ = f"contrastive_loss_{kind.replace('-', '_')}"
+    return loss
+
+
+_EXO = "arXiv 2402.00856"
+METHODS = (
+    AlignMethod("exo-pref", "EXO, reverse KL to the (1 - eps, eps) target of a pair", TAXFREE_CONTRASTIVE,
+                params=(BETA_PI, PREF_EPS), loss=_kind("exo-pref"), reward_scale="beta_pi", paper=_EXO),
+    AlignMethod("exo-rw", "EXO, reverse KL to softmax(r / beta_r) over K scored samples", TAXFREE_CONTRASTIVE,
+                data=SAMPLES, params=(BETA_PI, BETA_R), loss=_kind("exo-rw"), reward_scale="beta_pi", paper=_EXO),
+    AlignMethod("dpo-rw", "DPO-rw, cross-entropy to softmax(r / beta_r) over K scored samples", TAXFREE_CONTRASTIVE,
+                data=SAMPLES, params=(BETA_PI, BETA_R), loss=_kind("dpo-rw"), reward_scale="beta_pi", paper=_EXO),
+    AlignMethod("dpo-pref", "DPO with beta = beta_pi on our trainer (EXO's baseline)", TAXFREE_CONTRASTIVE,
+                params=(BETA_PI,), loss=_kind("dpo-pref"), reward_scale="beta_pi", paper=_EXO),
+)
+

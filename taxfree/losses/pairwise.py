@@ -1,4 +1,4 @@
-"""Plain pairwise preference losses (DPO, IPO, hinge) as pure functions, ALGORITHMS.md 2.
+"""Plain pairwise preference losses (DPO, IPO, hinge) as pure functions, docs/algorithms.md 2.
 
 The align stage runs these methods through TRL's DPOTrainer; these functions are for users who
 want the same maths in their own loop, and for checking TRL against the specification.
@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 from taxfree.errors import TaxfreeError
 from taxfree.losses._checks import check_positive, check_same_1d
+from taxfree.losses.contrastive import PREF_EPS
+from taxfree.losses.methods import BETA, TRL_DPO, AlignMethod
+from taxfree.params import Param
 
 
 def dpo_sigmoid_loss(
@@ -49,3 +52,23 @@ def hinge_loss(z_chosen: torch.Tensor, z_rejected: torch.Tensor, beta: float = 0
     check_positive("beta", beta, "hinge_loss")
     check_same_1d("hinge_loss", z_chosen=z_chosen, z_rejected=z_rejected)
     return torch.relu(1 - beta * (z_chosen - z_rejected)).mean()
+
+
+LABEL_SMOOTHING = Param("label_smoothing", 0.0, float, "dpo: probability that a label is flipped (conservative DPO)",
+                        within="[0, 0.5)")
+
+# Trained by TRL's DPOTrainer under its loss names; the functions above are the same maths.
+METHODS = (
+    AlignMethod("dpo", "DPO: -log sigmoid(beta*(z_w - z_l))", TRL_DPO, params=(BETA, LABEL_SMOOTHING),
+                loss_type="sigmoid", trainer_args={"beta": "beta", "label_smoothing": "label_smoothing"},
+                paper="arXiv 2305.18290"),
+    AlignMethod("ipo", "IPO: (z_w/len_w - z_l/len_l - 1/(2*beta))^2", TRL_DPO, params=(BETA,), loss_type="ipo",
+                trainer_args={"beta": "beta"}, paper="arXiv 2310.12036"),
+    AlignMethod("hinge", "hinge: relu(1 - beta*(z_w - z_l))", TRL_DPO, params=(BETA,), loss_type="hinge",
+                trainer_args={"beta": "beta"}, paper="arXiv 2305.10425"),
+    # TRL refuses exo_pair with label_smoothing == 0: the EXO eps goes in as DPOConfig.label_smoothing.
+    AlignMethod("exo-pair", "EXO's pairwise loss as TRL has it (exo-pref up to a constant)", TRL_DPO,
+                params=(BETA, PREF_EPS), loss_type="exo_pair",
+                trainer_args={"beta": "beta", "label_smoothing": "pref_eps"}, paper="arXiv 2402.00856"),
+)
+

@@ -1,4 +1,4 @@
-"""Adaptive Model Averaging (AMA, arXiv 2309.06256; ALGORITHMS.md 4).
+"""Adaptive Model Averaging (AMA, arXiv 2309.06256; docs/algorithms.md 4).
 
 One trainable logit `l_b` per block of decoder layers (optionally the LM head as one more
 block). The SFT model's weight on block b is

@@ -1,4 +1,4 @@
-"""A plain loop that trains AMA's block logits (ALGORITHMS.md 4).
+"""A plain loop that trains AMA's block logits (docs/algorithms.md 4).
 
 Objective per batch: the merged model's causal-LM loss (mean token NLL on the aligned policy's
 own best responses) + `averager.regularizer()`. AdamW on the logits only, cosine schedule with

@@ -1,6 +1,6 @@
 """The weight each model gets on each tensor, decided before any tensor is read.
 
-Convention (ALGORITHMS.md 3): a two-model merge is `(1 - w) * sft + w * aligned` with `w` the
+Convention (docs/algorithms.md 3): a two-model merge is `(1 - w) * sft + w * aligned` with `w` the
 *aligned weight*. Partwise merging gives each contiguous block of decoder layers its own
 aligned weight, and the embeddings and the final norm + LM head their own explicit ones.
 """

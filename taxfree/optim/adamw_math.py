@@ -3,7 +3,7 @@
 The operation order copies torch's foreach AdamW (`_multi_tensor_adam`, decoupled weight
 decay): `p *= 1 - lr*wd`; `m.lerp_(g, 1-b1)`; `v = b2*v + (1-b2)*g*g`;
 `D = (-lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)`. With the same rounding steps, adding D to p
-gives bit-for-bit what AdamW gives on CPU (ALGORITHMS.md 1.5 invariant 1).
+gives bit-for-bit what AdamW gives on CPU (docs/algorithms.md 1.5 invariant 1).
 """
 
 from __future__ import annotations

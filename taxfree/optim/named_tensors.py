@@ -1,6 +1,6 @@
 """Name -> tensor lookup over a model, a state dict, or an HF checkpoint on disk.
 
-The task vector tau = theta_ref - theta_base is paired by parameter name (ALGORITHMS.md 1.2),
+The task vector tau = theta_ref - theta_base is paired by parameter name (docs/algorithms.md 1.2),
 and ref/base come in whatever form the caller has: a loaded model, a state dict, or a
 checkpoint directory of safetensors (sharded with an index, or not). Checkpoints are read one
 tensor at a time, so building tau never holds a whole extra model in memory.

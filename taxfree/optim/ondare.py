@@ -1,6 +1,6 @@
 """OnDARE-AdamW: AdamW whose update is randomly sparsified (DARE) and merged with tau.
 
-ALGORITHMS.md 1.2 and 1.3. With reserve_p = q < 1 and no rescale, the kept positions are drawn
+docs/algorithms.md 1.2 and 1.3. With reserve_p = q < 1 and no rescale, the kept positions are drawn
 as geometric gaps (about q*n random numbers) and D is computed at those positions only: the
 Adam moments still update everywhere, but no dense update tensor is formed, so a step costs
 less than AdamW's. A sparse tau adds only its q*n entries.
@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from taxfree.optim.adamw_math import adam_update_at, adam_updates, signed_at, update_magnitude
-from taxfree.optim.online_merging import MergeSlot, OnlineMergingAdamW, add_tau_, flat
+from taxfree.optim.online_merging import MERGING_HYPERPARAMETERS, MergeSlot, OnlineMergingAdamW, add_tau_, flat
 from taxfree.optim.sharded import FlatLayout, tensor_sums
+from taxfree.optim.registry import OptimizerSpec
 from taxfree.optim.sparsify import bernoulli_positions
 
 
@@ -134,3 +135,7 @@ class OnDAREAdamW(OnlineMergingAdamW):
         if full_l1 >= 1e-8:
             kept.mul_(full_l1 / (kept_l1 + group["eps"]))
             kept.clamp_(-group["clip_tau"], group["clip_tau"])
+
+
+OPTIMIZER = OptimizerSpec("ondare", OnDAREAdamW, "online DARE: a random q of the update kept (scaled 1/q), plus alpha*tau",
+                          hyperparameters=MERGING_HYPERPARAMETERS, merging=True)

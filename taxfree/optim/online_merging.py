@@ -1,7 +1,7 @@
 """The part OnDARE-AdamW and OnTIES-AdamW share: AdamW moments, tau, online_step, state.
 
 Each step runs torch.optim.AdamW's maths over all parameters of a group with foreach ops, then
-hands the update D of every parameter to the subclass's merge rule (ALGORITHMS.md 1.3, 1.4).
+hands the update D of every parameter to the subclass's merge rule (docs/algorithms.md 1.3, 1.4).
 The task vector tau lives in the optimizer state (dense, or as flat indices + values when that
 is much smaller), so `state_dict()`/`load_state_dict()` carry it and a resumed run continues
 exactly. Masks are drawn from a generator re-seeded from (seed, group, step): no RNG state to
@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from taxfree.errors import TaxfreeError
+from taxfree.params import Param
 from taxfree.optim.adamw_math import AdamCoefficients, adam_updates, advance_moments_
 from taxfree.optim.named_tensors import NamedTensors
 from taxfree.optim.sharded import FlatLayout, Segment
@@ -640,3 +641,22 @@ class OnlineMergingAdamW(Optimizer):
                 device = local(p).device
                 for key, value in taus.get(pid, {}).items():
                     self.state[p][key] = value.to(device=device)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# The settings OnDARE and OnTIES share, named as in the authors' code; defaults are the authors'
+# DPO runs (the class constructors default to a plain AdamW instead: q = 1, no merge).
+MERGING_HYPERPARAMETERS = (
+    Param("reserve_p", 0.01, float, "fraction q of the update's entries kept", within="(0, 1]"),
+    Param("alpha", 1e-7, float, "weight of tau in p += alpha*tau + (1 - alpha)*D'", within="[0, 1]"),
+    Param("use_merge", True, bool, "add tau at all (false: only sparsify the update)"),
+    Param("rescale", False, bool, "L1-rescale the kept update to the full update's norm"),
+    Param("online_step", 1, int, "merge every K steps (plain AdamW steps in between)", within=">= 1"),
+    Param("clip_tau", 1.0, float, "clamp of tau's entries (OnDARE)", within="> 0"),
+    Param("tau_dtype", None, str | None, "dtype tau is stored in (null: the parameter's)",
+          check=lambda v: None if v in _DTYPES else f"{v!r} is not one of {', '.join(_DTYPES)}",
+          convert=lambda v: getattr(torch, v)),
+    Param("sparse_tau", None, bool | None, "store tau as indices + values (null: when at most half the dense bytes)"),
+)
+

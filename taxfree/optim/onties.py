@@ -1,6 +1,6 @@
 """OnTIES-AdamW: AdamW whose update is trimmed to its top-k entries and sign-elected with tau.
 
-ALGORITHMS.md 1.2 and 1.4. Top-k is exact by threshold (`topk_positions`: a sampled lower bound
+docs/algorithms.md 1.2 and 1.4. Top-k is exact by threshold (`topk_positions`: a sampled lower bound
 plus an exact selection on about 1.2*k candidates, no sort of the whole tensor). The election
 runs densely where tau is dense; with a sparse tau the trimmed update is applied first and
 then corrected at tau's q*n positions only, which is the same arithmetic because the election
@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from taxfree.optim.adamw_math import adam_updates, signed_at, update_magnitude
-from taxfree.optim.online_merging import MergeSlot, OnlineMergingAdamW, flat
+from taxfree.optim.online_merging import MERGING_HYPERPARAMETERS, MergeSlot, OnlineMergingAdamW, flat
 from taxfree.optim.sharded import FlatLayout, kth_largest, tensor_sums
+from taxfree.optim.registry import OptimizerSpec
+from taxfree.params import Param
 from taxfree.optim.sparsify import topk_positions
 
 
@@ -253,3 +255,13 @@ class OnTIESAdamW(OnlineMergingAdamW):
         if tau_weight != 0.0:
             correction.add_(tau * torch.eq(tau > 0, positive), alpha=tau_weight)
         p.index_add_(0, index, correction)
+
+
+OPTIMIZER = OptimizerSpec(
+    "onties", OnTIESAdamW, "online TIES: the top q of the update by magnitude, signs elected with tau",
+    hyperparameters=MERGING_HYPERPARAMETERS + (
+        Param("weighted_election", False, bool,
+              "elect signs on alpha*tau + (1 - alpha)*D_k (the paper) instead of tau + D_k (the authors' code)"),
+    ),
+    merging=True,
+)

@@ -1,4 +1,4 @@
-"""A straightforward per-parameter loop written line by line from ALGORITHMS.md 1.1-1.4.
+"""A straightforward per-parameter loop written line by line from docs/algorithms.md 1.1-1.4.
 
 Not for training: it is the oracle the tests compare the fast optimizers with, and the
 baseline bench/optimizer_step.py measures them against. Dense masks, dense tau, one parameter
@@ -30,6 +30,9 @@ class ReferenceOnlineMergingAdamW(Optimizer):
         online_step: int = 1,
         clip_tau: float = 1.0,
         seed: int = 0,
+        tau_dtype: torch.dtype | None = None,
+        sparse_tau: bool | None = None,
+        weighted_election: bool = False,
     ):
         if method not in ("ondare", "onties"):
             raise ValueError(method)
@@ -38,10 +41,16 @@ class ReferenceOnlineMergingAdamW(Optimizer):
         self.method, self.q, self.alpha = method, reserve_p, alpha
         self.use_merge, self.rescale, self.online_step = use_merge, rescale, online_step
         self.clip_tau = clip_tau
+        self.tau_dtype = tau_dtype  # tau is rounded through it (storage), the maths stays fp32
+        del sparse_tau  # storage only: this oracle keeps tau dense
+        self.weighted_election = weighted_election
         self.generator = torch.Generator().manual_seed(seed)
 
     def set_tau(self, p: Tensor, tau: Tensor) -> None:
-        self.state[p]["tau"] = tau.detach().clone()
+        tau = tau.detach().clone()
+        if self.tau_dtype is not None:
+            tau = tau.to(self.tau_dtype).to(tau.dtype)
+        self.state[p]["tau"] = tau
 
     def _dropout(self, d: Tensor) -> Tensor:
         mask = torch.rand(d.shape, generator=self.generator, device=d.device) < self.q
@@ -98,7 +107,8 @@ class ReferenceOnlineMergingAdamW(Optimizer):
                         p.add_(dropped)
                 else:
                     d_k = self._topk(d)
-                    s = torch.where(tau + d_k >= 0, 1.0, -1.0)
+                    total = self.alpha * tau + (1 - self.alpha) * d_k if self.weighted_election else tau + d_k
+                    s = torch.where(total >= 0, 1.0, -1.0)
                     tau_s = tau * (torch.sign(tau) == s)
                     d_s = d_k * (torch.sign(d_k) == s)
                     if self.use_merge:

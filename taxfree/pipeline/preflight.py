@@ -3,19 +3,21 @@ any stage writes anything.
 
 `load_config` checks types, keys and that paths exist; this goes one step further and opens them:
 every record of a data file the planned stages read, each model directory's config and
-safetensors headers, each tokenizer's special tokens and vocabulary against its model. A stage
-may add checks of its own with a `preflight(cfg)` function (config combinations that need
+safetensors headers, each tokenizer's special tokens and vocabulary against its model. What to
+open comes from each stage's declaration (taxfree.pipeline.stages.Stage: `checkpoints`,
+`needs_eos`); a stage may add checks of its own with `preflight` (config combinations that need
 knowledge of the stage). Inputs made by stages of the run are not checked here: they do not
 exist yet, and the stage that made them wrote them in the right form.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from taxfree.errors import ConfigError, TaxfreeError
+from taxfree.pipeline.paths import looks_like_hub_id
+from taxfree.pipeline.stages import Stage, stage
 
 # data.<key> -> record kind (taxfree.data.records)
 DATA_KINDS = {
@@ -27,32 +29,27 @@ DATA_KINDS = {
     "pref_eval": "pref",
     "eval_prompts": "prompt",
 }
-# Stage input names that are causal LM / classifier checkpoints (pairrm has its own loader).
-MODEL_INPUTS = {"base", "sft", "backbone", "policy", "reward_model", "optimizer_ref", "optimizer_base", "ref"}
-# Stages whose training ends sequences with eos (pretraining packs with it, TRL and our trainer
-# append it to completions): a tokenizer without one cannot serve them.
-EOS_STAGES = {"pretrain", "sft", "align", "rm", "ama"}
 
 
 def _config_keys(cfg) -> dict[str, str]:
-    """path -> the config key that named it (first one wins), for messages."""
+    """path -> the config key that named it (the data files first, then the models, then every
+    stage section in order; the first key wins), for messages."""
     keys: dict[str, str] = {}
 
-    def add(key: str, value):
-        if isinstance(value, str) and value not in keys:
-            keys[value] = key
+    def walk(prefix: str, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+        elif isinstance(value, str):
+            keys.setdefault(value, prefix)
 
-    for f in dataclasses.fields(cfg.data):
-        add(f"data.{f.name}", getattr(cfg.data, f.name))
-    for k in ("tokenizer", "sft", "base"):
-        add(f"models.{k}", getattr(cfg.models, k))
-    add("rm.backbone", cfg.rm.backbone)
-    add("sample.policy", cfg.sample.policy)
-    add("evaluate.reward_model", cfg.evaluate.reward_model)
-    for stage in ("pretrain", "sft", "align"):
-        opt = getattr(cfg, stage).optimizer
-        add(f"{stage}.optimizer.ref", opt.ref)
-        add(f"{stage}.optimizer.base", opt.base)
+    tree = cfg.to_dict()
+    for section in ("data", "models"):
+        walk(section, tree.pop(section))
+    walk("", tree)
     return keys
 
 
@@ -91,14 +88,13 @@ class _Checker:
             fmt = record_format(kind, records[0])
         return fmt
 
-    def stage(self, stage: str, module) -> None:
+    def stage(self, declared: Stage) -> None:
         from taxfree.models.load import check_model_dir, check_tokenizer, check_vocab, require_eos
-        from taxfree.pipeline.config import looks_like_hub_id
 
-        own = getattr(module, "preflight", None)
-        if own is not None:
-            own(self.cfg)
-        given = {name: path for name, (upstream, path) in module.inputs(self.cfg).items()
+        stage = declared.name
+        if declared.preflight is not None:
+            declared.preflight(self.cfg)
+        given = {name: path for name, (upstream, path) in declared.inputs(self.cfg).items()
                  if upstream is None and isinstance(path, str) and not looks_like_hub_id(path)}
         models = {}
         for name, path in sorted(given.items()):
@@ -106,7 +102,7 @@ class _Checker:
                 if path in self.data_kinds and Path(path).is_file():
                     if path not in self.formats:
                         self.formats[path] = self.data_format(path)
-                elif name in MODEL_INPUTS and Path(path).is_dir():
+                elif name in declared.checkpoints and Path(path).is_dir():
                     models[name] = check_model_dir(path) if self.once("model", path) else _read_config(path)
             except ConfigError:
                 raise
@@ -119,10 +115,10 @@ class _Checker:
             if tok_path not in self.tokenizers:
                 self.tokenizers[tok_path] = check_tokenizer(tok_path, trust_remote_code=self.cfg.models.trust_remote_code)
             tokenizer = self.tokenizers[tok_path]
-            if stage in EOS_STAGES:
+            if declared.needs_eos:
                 require_eos(tokenizer, tok_path, f"the {stage} stage")
             for name, config in models.items():
-                if name not in ("backbone", "reward_model"):  # classifiers may bring their own tokenizer
+                if declared.checkpoints[name] != "classifier":  # classifiers may bring their own tokenizer
                     check_vocab(tokenizer, tok_path, config, given[name])
             chat = [p for p in given.values() if self.formats.get(p) == "conversational"]
             if chat and not getattr(tokenizer, "chat_template", None):
@@ -144,14 +140,12 @@ def check_stages(cfg, stages: list[str], skip_missing: bool = False) -> None:
 
     `skip_missing`: a stage whose module does not import is left out (`taxfree validate` says
     what it can; running that stage reports the problem)."""
-    from taxfree.pipeline.runner import stage_module
-
     checker = _Checker(cfg)
-    for stage in stages:
+    for name in stages:
         try:
-            module = stage_module(stage)
+            declared = stage(name)
         except ImportError:
             if skip_missing:
                 continue
             raise
-        checker.stage(stage, module)
+        checker.stage(declared)

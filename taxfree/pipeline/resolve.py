@@ -9,7 +9,7 @@ from pathlib import Path
 
 from taxfree.data.tiny_world import world_files
 from taxfree.errors import TaxfreeError
-from taxfree.pipeline.config import ExperimentConfig
+from taxfree.pipeline.paths import looks_like_hub_id
 
 # data key -> attribute of TinyWorldFiles
 _WORLD_DATA = {
@@ -23,11 +23,11 @@ _WORLD_DATA = {
 }
 
 
-def world_dir(cfg: ExperimentConfig) -> Path:
+def world_dir(cfg) -> Path:
     return cfg.stage_dir("world") / "data"
 
 
-def data_source(cfg: ExperimentConfig, key: str) -> tuple[str | None, str | None]:
+def data_source(cfg, key: str) -> tuple[str | None, str | None]:
     """(upstream stage or None, path or None) for a data key."""
     given = getattr(cfg.data, key)
     if given is not None:
@@ -37,26 +37,26 @@ def data_source(cfg: ExperimentConfig, key: str) -> tuple[str | None, str | None
     return None, None
 
 
-def data_path(cfg: ExperimentConfig, key: str, required: bool = True) -> str | None:
+def data_path(cfg, key: str, required: bool = True) -> str | None:
     _, path = data_source(cfg, key)
     if path is None and required:
         raise TaxfreeError(f"{cfg.source}: data.{key}: required by this stage and not set")
     return path
 
 
-def base_model_source(cfg: ExperimentConfig) -> tuple[str | None, str]:
+def base_model_source(cfg) -> tuple[str | None, str]:
     if cfg.models.base is not None:
         return None, cfg.models.base
     return "pretrain", str(cfg.stage_dir("pretrain") / "model")
 
 
-def sft_model_source(cfg: ExperimentConfig) -> tuple[str | None, str]:
+def sft_model_source(cfg) -> tuple[str | None, str]:
     if cfg.models.sft is not None:
         return None, cfg.models.sft
     return "sft", str(cfg.stage_dir("sft") / "model")
 
 
-def tokenizer_source(cfg: ExperimentConfig) -> tuple[str | None, str]:
+def tokenizer_source(cfg) -> tuple[str | None, str]:
     """The tokenizer every stage uses: explicit, else the world's, else the base/SFT model's own."""
     if cfg.models.tokenizer is not None:
         return None, cfg.models.tokenizer
@@ -73,8 +73,6 @@ def local_model_dir(ref: str) -> str:
     Streaming merges read safetensors files directly, so a hub id is resolved to its snapshot
     (downloaded when the hub is reachable, else from the cache).
     """
-    from taxfree.pipeline.config import looks_like_hub_id
-
     if Path(ref).is_dir() or not looks_like_hub_id(ref):
         return ref
     try:

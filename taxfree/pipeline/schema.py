@@ -7,18 +7,32 @@ as `<file>: <dotted.key>: <why>` before any work starts, with the nearest valid 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
-import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from taxfree.errors import ConfigError
+from taxfree.errors import ConfigError, nearest
 
 
-def nearest(word: str, options) -> str:
-    """` (did you mean X?)` for the closest option, or an empty string."""
-    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
+class SectionError(ConfigError):
+    """Raised by a section's `check()` with a key relative to that section."""
+
+
+def require(cond: bool, key: str, why: str) -> None:
+    """In a section's `check()`: `key: why` unless `cond`."""
+    if not cond:
+        raise SectionError(f"{key}: {why}")
+
+
+def check_params(section, params) -> None:
+    """Every declared Param (taxfree.params) of a section holds an acceptable value."""
+    for p in params:
+        why = p.problem(getattr(section, p.name))
+        require(why is None, p.name, why)
+
+
+def param_fields(params) -> list[tuple]:
+    """dataclasses.make_dataclass fields for declared Params, in order."""
+    return [(p.name, p.type, dataclasses.field(default=p.default, metadata={"help": p.help})) for p in params]
 
 
 def _type_name(tp) -> str:
@@ -131,7 +145,7 @@ def build_dataclass(cls, data: dict, where: str, source: str):
     if check is not None:
         try:
             check()
-        except ConfigError as e:
+        except SectionError as e:
             # check() raises with a key relative to this section.
             raise ConfigError(f"{source}: {where + '.' if where else ''}{e}") from None
     return obj
@@ -147,8 +161,4 @@ def to_dict(obj) -> Any:
     return obj
 
 
-def field_names(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-__all__ = ["convert", "build_dataclass", "to_dict", "nearest", "field_names", "typing"]
+__all__ = ["convert", "build_dataclass", "to_dict", "require", "check_params", "param_fields", "SectionError"]

@@ -1,31 +1,99 @@
 """`align`: preference alignment, one variant per method x optimizer.
 
 The policy starts from the SFT model, the reference is the SFT model, and the online merging
-optimizers get tau = SFT - base. TRL trains the methods it has (DPOTrainer: dpo, ipo, hinge,
-exo-pair; KTOTrainer: kto); our ContrastiveTrainer trains the rest (kto-pair and the K-way
-exo-pref / exo-rw / dpo-rw / dpo-pref). Each variant writes `align/<method>-<optimizer>/`.
+optimizers get tau = SFT - base. Each method is declared in the method registry
+(taxfree.losses.methods): TRL trains the methods it has (DPOTrainer, KTOTrainer), our
+ContrastiveTrainer the rest (kto-pair and the K-way EXO family). Each variant writes
+`align/<method>-<optimizer>/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
 
 from taxfree.data.records import pref_to_kto, read_jsonl, rw_to_pref
-from taxfree.errors import TaxfreeError
-from taxfree.losses import METHOD_BACKENDS
-from taxfree.losses.methods import TAXFREE_CONTRASTIVE, TRL_DPO, TRL_KTO
-from taxfree.optim.trainer import hand_optimizer_to_trainer
+from taxfree.errors import ConfigError, TaxfreeError, nearest
+from taxfree.losses.methods import TRL_DPO, TRL_KTO, align_method, method_names, method_params
 from taxfree.models.load import load_causal_lm, load_tokenizer
-from taxfree.pipeline.config import variant_name
+from taxfree.optim.registry import optimizer_names, optimizer_spec
+from taxfree.optim.trainer import hand_optimizer_to_trainer
 from taxfree.pipeline.resolve import base_model_source, data_source, sft_model_source, tokenizer_source
-from taxfree.pipeline.runner import run_variants
+from taxfree.pipeline.rundir import last_checkpoint, run_variants
+from taxfree.pipeline.schema import check_params, param_fields, require
+from taxfree.pipeline.stages import Stage
+from taxfree.pipeline.train_config import TrainConfig, settings_of
 from taxfree.stages.callbacks import LastLogs, numeric
-from taxfree.stages.common import (build_stage_optimizer, check_lengths, last_checkpoint, loaded_partitioned,
-                                    resumed_from_step, save_model, tensorboard_callback, trainer_kwargs,
-                                    whole_run_train_loss)
+from taxfree.stages.common import (build_stage_optimizer, check_lengths, loaded_partitioned, resumed_from_step,
+                                    save_model, tensorboard_callback, trainer_kwargs, whole_run_train_loss)
 
-KEEPS_VARIANTS = True
-RW_METHODS = ("exo-rw", "dpo-rw")
+
+@dataclass
+class AlignSettings(TrainConfig):
+    """Preference alignment: every method x optimizer listed is one variant, one model. The
+    methods' own settings (beta, beta_pi, ...) are added from their declarations: AlignStageConfig."""
+
+    methods: list[str] = field(default_factory=lambda: ["dpo"])
+    optimizers: list[str] = field(default_factory=lambda: ["adamw"])
+    epochs: float = 1.0
+    lr: float = 1e-6
+    warmup_ratio: float = 0.1
+    batch_size: int = 8
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    temperature: float = 1.0  # ContrastiveTrainer's methods: both models' logits are divided by it
+    num_completions: int | None = None  # K for the methods that train on samples; null = all sampled
+    # Where the pairwise methods' pairs come from: "data" = data.pref_train (human pairs);
+    # "samples" = the sample stage's completions, two per prompt labelled by the reward (EXO's
+    # pref setting on IMDB: an independent K = 2 draw, the higher reward chosen, ties dropped).
+    pref_pairs: Literal["data", "samples"] = "data"
+    precompute_ref_log_probs: bool = False
+
+    def check(self):
+        super().check()
+        require(len(self.methods) >= 1, "methods", "list at least one method")
+        known = method_names()
+        for m in self.methods:
+            require(m in known, "methods", f"unknown method {m!r}{nearest(m, known)}")
+        require(len(set(self.methods)) == len(self.methods), "methods", "a method is listed twice")
+        require(len(self.optimizers) >= 1, "optimizers", "list at least one optimizer")
+        for o in self.optimizers:
+            require(o in optimizer_names(), "optimizers", f"unknown optimizer {o!r}{nearest(o, optimizer_names())}")
+        require(len(set(self.optimizers)) == len(self.optimizers), "optimizers", "an optimizer is listed twice")
+        check_params(self, method_params().values())
+        require(self.temperature > 0, "temperature", "must be > 0")
+        require(self.max_prompt_length < self.max_length, "max_prompt_length", "must be < max_length")
+        require(self.num_completions is None or self.num_completions >= 2, "num_completions", "must be >= 2")
+
+
+AlignStageConfig = dataclasses.make_dataclass(
+    "AlignStageConfig", param_fields(method_params().values()), bases=(AlignSettings,),
+    namespace={"__module__": __name__, "__doc__": AlignSettings.__doc__},
+)
+
+
+def variant_name(method: str, optimizer: str) -> str:
+    """The align variant of a method and an optimizer: its directory `align/<method>-<optimizer>/`."""
+    return f"{method}-{optimizer}"
+
+
+def variant_names(cfg, selected: list[str] | None = None) -> list[str]:
+    """Names of the align stage's variants, `<method>-<optimizer>`; or `selected` (a later stage's
+    `aligned` list) when it is given."""
+    if selected is not None:
+        return list(selected)
+    return [variant_name(m, o) for m in cfg.align.methods for o in cfg.align.optimizers]
+
+
+def check(cfg) -> None:
+    """A merging optimizer needs the model SFT started from, which only the tiny world makes."""
+    merging = [o for o in cfg.align.optimizers if optimizer_spec(o).merging]
+    if merging and "align" in cfg.enabled_stages() and cfg.world.kind != "tiny" and cfg.models.base is None \
+            and cfg.align.optimizer.base is None:
+        raise ConfigError(
+            f"{cfg.source}: models.base: {merging[0]} needs the model SFT started from (tau = sft - base); set models.base"
+        )
 
 
 def variants(cfg) -> dict[str, tuple[str, str]]:
@@ -39,12 +107,12 @@ def inputs(cfg) -> dict:
         "train": data_source(cfg, "pref_train"),
         "eval": data_source(cfg, "pref_eval"),
     }
-    if any(o != "adamw" for o in cfg.align.optimizers):
+    if any(optimizer_spec(o).merging for o in cfg.align.optimizers):
         opt = cfg.align.optimizer
         out["base"] = (None, opt.base) if opt.base else base_model_source(cfg)
         if opt.ref:
             out["optimizer_ref"] = (None, opt.ref)
-    if any(m in RW_METHODS for m in cfg.align.methods) or cfg.align.pref_pairs == "samples":
+    if any(align_method(m).needs_samples for m in cfg.align.methods) or cfg.align.pref_pairs == "samples":
         out["samples"] = ("sample", str(cfg.stage_dir("sample") / "rw.jsonl"))
     return out
 
@@ -52,7 +120,7 @@ def inputs(cfg) -> dict:
 def preflight(cfg) -> None:
     """Config combinations only this stage can judge, checked before any stage runs."""
     k = cfg.align.num_completions
-    rw = [m for m in cfg.align.methods if m in RW_METHODS]
+    rw = [m for m in cfg.align.methods if align_method(m).needs_samples]
     if k is not None and rw and k > cfg.sample.num_completions:
         raise TaxfreeError(
             f"{cfg.source}: align.num_completions: K = {k} is more than the {cfg.sample.num_completions} completions "
@@ -65,14 +133,16 @@ def section(cfg) -> dict:
 
 
 def variant_config(cfg, method: str, optimizer: str) -> dict:
-    """What shapes one variant: the align settings without the lists, plus its own pair."""
+    """What shapes one variant: the shared align settings, its method's own settings and its
+    optimizer's own hyperparameters (another method's beta_pi does not re-train a dpo variant)."""
     sec = dataclasses.asdict(cfg.align)
-    sec.pop("methods")
-    sec.pop("optimizers")
-    sec["optimizer"]["name"] = optimizer
-    if optimizer == "adamw":
-        for k in ("reserve_p", "alpha", "use_merge", "rescale", "online_step", "clip_tau", "ref", "base"):
-            sec["optimizer"].pop(k)
+    for key in ("methods", "optimizers", *method_params()):
+        sec.pop(key)
+    sec.update(align_method(method).settings(cfg.align))
+    opt = dataclasses.replace(cfg.align.optimizer, name=optimizer)
+    sec["optimizer"] = {"name": optimizer, **settings_of(opt)}
+    if optimizer_spec(optimizer).merging:
+        sec["optimizer"].update(ref=opt.ref, base=opt.base)
     return {"method": method, "optimizer": optimizer, "align": sec, "seed": cfg.seed,
             "trust_remote_code": cfg.models.trust_remote_code}
 
@@ -100,7 +170,7 @@ def _datasets(cfg, method: str):
     _, train_path = data_source(cfg, "pref_train")
     _, eval_path = data_source(cfg, "pref_eval")
     eval_rows = _pref_rows(eval_path) if eval_path else None
-    if method in RW_METHODS:
+    if align_method(method).needs_samples:
         rows = [{"prompt": r["prompt"], "completions": r["completions"], "rewards": r["rewards"]}
                 for r in read_jsonl(cfg.stage_dir("sample") / "rw.jsonl", "rw")]
         train = Dataset.from_list(rows)
@@ -117,7 +187,7 @@ def _datasets(cfg, method: str):
         raise TaxfreeError(f"{cfg.source}: data.pref_train: required by the align stage (or align.pref_pairs: samples)")
     else:
         train_rows = _pref_rows(train_path)
-    if method == "kto":
+    if align_method(method).trainer == TRL_KTO:  # the pairs taken apart into single examples
         def unpaired(rows):
             return Dataset.from_list([{k: x[k] for k in ("prompt", "completion", "label")} for r in rows for x in pref_to_kto(r)])
 
@@ -128,31 +198,29 @@ def _datasets(cfg, method: str):
 def _args(cfg, method: str, vdir):
     """The method's trainer config (TRL's DPOConfig / KTOConfig or our ContrastiveConfig)."""
     sec = cfg.align
-    backend = METHOD_BACKENDS[method]
+    m = align_method(method)
+    settings = m.settings(sec)
     common = trainer_kwargs(sec, vdir, cfg.seed)
-    if backend.trainer == TRL_DPO:
-        from trl import DPOConfig
+    if m.trainer in (TRL_DPO, TRL_KTO):
+        from trl import DPOConfig, KTOConfig
 
-        label_smoothing = sec.pref_eps if method == "exo-pair" else sec.label_smoothing
-        return DPOConfig(**common, loss_type=[backend.loss_type], beta=sec.beta, label_smoothing=label_smoothing,
-                         max_length=sec.max_length, precompute_ref_log_probs=sec.precompute_ref_log_probs)
-    if backend.trainer == TRL_KTO:
-        from trl import KTOConfig
+        mapped = {arg: settings[name] for arg, name in m.trainer_args.items()}
+        loss_type = [m.loss_type] if m.trainer == TRL_DPO else m.loss_type  # DPOConfig takes a list
+        config = DPOConfig if m.trainer == TRL_DPO else KTOConfig
+        return config(**common, loss_type=loss_type, max_length=sec.max_length,
+                      precompute_ref_log_probs=sec.precompute_ref_log_probs, **mapped)
+    from taxfree.trainers import ContrastiveConfig
 
-        return KTOConfig(**common, loss_type=backend.loss_type, beta=sec.beta, max_length=sec.max_length,
-                         precompute_ref_log_probs=sec.precompute_ref_log_probs)
-    if backend.trainer == TAXFREE_CONTRASTIVE:
-        from taxfree.trainers import ContrastiveConfig
-
-        return ContrastiveConfig(**common, loss_type=backend.loss_type, beta=sec.beta, beta_pi=sec.beta_pi,
-                                 beta_r=sec.beta_r, pref_eps=sec.pref_eps, temperature=sec.temperature,
-                                 max_length=sec.max_length, max_prompt_length=sec.max_prompt_length,
-                                 num_completions=sec.num_completions if method in RW_METHODS else None)
-    raise TaxfreeError(f"align: no trainer for method {method!r}")  # pragma: no cover
+    own = {f.name for f in dataclasses.fields(ContrastiveConfig)}
+    return ContrastiveConfig(**common, loss_type=method, temperature=sec.temperature, max_length=sec.max_length,
+                             max_prompt_length=sec.max_prompt_length,
+                             num_completions=sec.num_completions if m.needs_samples else None,
+                             loss_params={k: v for k, v in settings.items() if k not in own} or None,
+                             **{k: v for k, v in settings.items() if k in own})
 
 
 def _trainer(method: str, args, model, ref_model, tokenizer, train, evald, callbacks):
-    trainer_kind = METHOD_BACKENDS[method].trainer
+    trainer_kind = align_method(method).trainer
     if trainer_kind == TRL_DPO:
         from trl import DPOTrainer as Trainer
     elif trainer_kind == TRL_KTO:
@@ -186,7 +254,7 @@ def train_variant(cfg, method: str, optimizer_name: str, vdir) -> dict:
 
     sec = dataclasses.replace(cfg.align, optimizer=dataclasses.replace(cfg.align.optimizer, name=optimizer_name))
     optimizer = None
-    if optimizer_name != "adamw":
+    if optimizer_name != "adamw":  # torch AdamW is the Trainer's own
         opt = cfg.align.optimizer
         _, base_path = (None, opt.base) if opt.base else base_model_source(cfg)
         optimizer = build_stage_optimizer(model, sec, ref=opt.ref or sft_path, base=base_path, seed=cfg.seed)
@@ -210,8 +278,9 @@ def train_variant(cfg, method: str, optimizer_name: str, vdir) -> dict:
     # The KL-like statistic: mean log-ratio z = log pi - log pi_ref of chosen / rejected responses.
     for side in ("chosen", "rejected"):
         key = f"eval_rewards/{side}"
-        if key in metrics and METHOD_BACKENDS[method].trainer == TRL_DPO:
-            metrics[f"eval_logratio/{side}"] = metrics[key] / cfg.align.beta
+        m = align_method(method)
+        if key in metrics and m.trainer == TRL_DPO:
+            metrics[f"eval_logratio/{side}"] = metrics[key] / m.settings(cfg.align)[m.reward_scale]
     save_model(trainer.model, tokenizer, vdir / "model", trainer=trainer)
     return metrics
 
@@ -224,9 +293,9 @@ def run(ctx) -> dict:
     def inputs_of(name: str) -> list[str]:
         method, optimizer = table[name]
         names = ["sft", "tokenizer", "train", "eval"]
-        if method in RW_METHODS:
+        if align_method(method).needs_samples:
             names.append("samples")
-        if optimizer != "adamw":
+        if optimizer_spec(optimizer).merging:
             names += ["base", "optimizer_ref"]
         return names
 
@@ -239,3 +308,20 @@ def run(ctx) -> dict:
                 summary[f"{name}/{k}"] = m[k]
     summary["variants"] = len(results)
     return summary
+
+
+STAGE = Stage(
+    name="align",
+    help="preference alignment: every method x optimizer (taxfree align --help lists them)",
+    config=AlignStageConfig,
+    inputs=inputs,
+    section=section,
+    run=run,
+    preflight=preflight,
+    check=check,
+    checkpoints={"sft": "causal_lm", "base": "causal_lm", "optimizer_ref": "causal_lm"},
+    needs_eos=True,
+    makes_models=True,
+    keeps_variants=True,
+)
+

@@ -1,4 +1,4 @@
-"""`ama`: Adaptive Model Averaging of the SFT model with each aligned variant (ALGORITHMS.md 4).
+"""`ama`: Adaptive Model Averaging of the SFT model with each aligned variant (docs/algorithms.md 4).
 
 Per align variant (or those `ama.aligned` lists): the per-block mixing logits are trained on
 the collected data (the sample stage's best-of-K responses, `ama.data`, or with
@@ -12,16 +12,78 @@ maths lives in taxfree.merging (AdaptiveModelAverager, train_ama, lm_batches).
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from taxfree.data.records import read_jsonl
 from taxfree.errors import TaxfreeError
+from taxfree.pipeline.paths import expand
 from taxfree.pipeline.resolve import sft_model_source, tokenizer_source
-from taxfree.pipeline.runner import run_variants
-from taxfree.stages.merge import aligned_model, aligned_model_dir
+from taxfree.pipeline.rundir import run_variants
+from taxfree.pipeline.schema import require
+from taxfree.pipeline.stages import Stage
+from taxfree.stages.align import variant_names
+from taxfree.stages.merge import aligned_model, aligned_model_dir, check_aligned
 
-KEEPS_VARIANTS = True
+
+@dataclass
+class AmaStageConfig:
+    """Adaptive Model Averaging (docs/algorithms.md 4): learned per-block aligned weights.
+
+    One merged model per aligned variant, `ama/<variant>/`, trained on the collected data: the
+    sample stage's best-of-K responses (`sample/collected.jsonl`) unless `data` names a file.
+    """
+
+    aligned: list[str] | None = None  # align variants (e.g. dpo-adamw); null = every one
+    data: str | None = None  # sft-format JSONL; null = the run's sample/collected.jsonl
+    # Whose best-of-K responses AMA learns on: "sample" = the sample stage's (its policy, the SFT
+    # model by default); "aligned" = each aligned variant's own, as in the paper: the ama stage
+    # samples them with the sample settings (prompts, K, temperature, reward model).
+    collect_from: Literal["sample", "aligned"] = "sample"
+    blocks: str = "block3"  # block3 (thirds), blockN, or layerwise
+    head_block: bool = False  # the LM head as one more learned block (needs an untied head)
+    sft_mean: float = 0.2  # mean SFT weight s0 (mean aligned weight 1 - s0)
+    eps: float = 0.2
+    reg: float = 1e-4
+    reg_weighting: Literal["plain", "layer"] = "plain"
+    embed_aligned_weight: float | None = None  # null = 1 - sft_mean
+    head_aligned_weight: float | None = None  # null = 1 - sft_mean (ignored with head_block)
+    lr: float = 4e-5  # the paper: 2e-5 after RSF, 4e-5 after PPO/DPO
+    epochs: int = 1
+    warmup_ratio: float = 0.03
+    batch_size: int = 8
+    max_length: int = 512
+    max_examples: int | None = None  # null = all collected examples
+    max_grad_norm: float | None = None
+    save_steps: int = 50  # checkpoint the logits and optimizer state every N steps (resume after a kill)
+
+    def __post_init__(self):
+        self.data = expand(self.data)
+
+    def check(self):
+        require(self.blocks == "layerwise" or re.fullmatch(r"block[1-9]\d*", self.blocks) is not None, "blocks",
+                 f"{self.blocks!r}: expected block3, blockN (e.g. block4) or layerwise")
+        require(0.0 < self.sft_mean < 1.0, "sft_mean", "must be in (0, 1)")
+        require(self.eps >= 0.0, "eps", "must be >= 0")
+        require(self.reg >= 0.0, "reg", "must be >= 0")
+        for k in ("embed_aligned_weight", "head_aligned_weight"):
+            v = getattr(self, k)
+            require(v is None or 0.0 <= v <= 1.0, k, f"{v} is outside [0, 1]")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.max_length >= 8, "max_length", "must be >= 8")
+        require(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1")
+        require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        require(self.save_steps >= 1, "save_steps", "must be >= 1")
+        require(self.aligned is None or len(self.aligned) >= 1, "aligned", "list at least one variant (or null for all)")
+        require(self.data is None or self.collect_from == "sample", "collect_from",
+                 "aligned samples the aligned models itself; leave ama.data null with it")
+        require(self.data is None or Path(self.data).is_file(), "data", f"file not found: {self.data}")
 STATE_NAME = "ama_state.safetensors"
 
 
@@ -156,7 +218,7 @@ def train_variant(cfg, variant: str, vdir) -> dict:
 
 def run(ctx) -> dict:
     cfg = ctx.cfg
-    names = cfg.align_variants(cfg.ama.aligned)
+    names = variant_names(cfg, cfg.ama.aligned)
     configs = {v: variant_config(cfg, v) for v in names}
     shared = ["sft", "tokenizer"] + (["prompts", "reward_model"] if cfg.ama.collect_from == "aligned" else ["data"])
     results = run_variants(ctx, configs, lambda name, vdir, resumed: train_variant(cfg, name, vdir),
@@ -167,3 +229,19 @@ def run(ctx) -> dict:
         if isinstance(w, float):
             out[f"{name}/mean_aligned_weight"] = w
     return out
+
+
+STAGE = Stage(
+    name="ama",
+    help="adaptive model averaging: learned per-block aligned weights",
+    config=AmaStageConfig,
+    inputs=inputs,
+    section=section,
+    run=run,
+    check=lambda cfg: check_aligned(cfg, "ama"),
+    checkpoints={"sft": "causal_lm", "reward_model": "classifier"},
+    needs_eos=True,
+    makes_models=True,
+    keeps_variants=True,
+)
+

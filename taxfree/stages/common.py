@@ -3,17 +3,15 @@ tensorboard, resuming, saving. No maths here."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from taxfree.atomic import atomic_dir
 from taxfree.errors import TaxfreeError
-from taxfree.pipeline.config import TrainConfig
+from taxfree.distributed import ranks
+from taxfree.pipeline.train_config import TrainConfig, settings_of
 
 
 def precision_flags(precision: str) -> dict:
@@ -130,8 +128,6 @@ def tensorboard_callback(stage_dir: Path):
     """Trainer logs go to <stage>/tb (transformers 5 dropped `logging_dir`); rank 0 logs, alone."""
     from transformers import TrainerCallback
 
-    from taxfree.pipeline.runner import ranks
-
     if not ranks().main:
         return TrainerCallback()
     from torch.utils.tensorboard import SummaryWriter
@@ -147,40 +143,6 @@ def tensorboard_callback(stage_dir: Path):
                 self.tb_writer.flush()
 
     return _OneLog(tb_writer=SummaryWriter(log_dir=str(stage_dir / "tb")))
-
-
-def last_checkpoint(stage_dir: Path) -> str | None:
-    """The newest complete checkpoint to resume from, or None.
-
-    The Trainer writes `checkpoint-N/` in place and `trainer_state.json` last, so a process
-    killed while saving leaves a directory without it; resuming from that fails (or worse,
-    loads half a state). Such directories are removed and the previous complete one is used.
-    """
-    import re
-
-    ckpt = Path(stage_dir) / "checkpoints"
-    if not ckpt.is_dir():
-        return None
-    complete = []
-    for d in ckpt.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if not m or not d.is_dir():
-            continue
-        if _readable_json(d / "trainer_state.json"):
-            complete.append((int(m.group(1)), d))
-        else:
-            shutil.rmtree(d, ignore_errors=True)
-    return str(max(complete)[1]) if complete else None
-
-
-def _readable_json(path: Path) -> bool:
-    import json
-
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 def resumed_from_step(trainer) -> int:
@@ -212,35 +174,27 @@ def whole_run_train_loss(trainer, result) -> float:
 
 
 def build_stage_optimizer(model, section: TrainConfig, ref=None, base=None, seed: int = 0):
-    """None for adamw (the Trainer builds torch AdamW from the same settings); our online merging
-    optimizer otherwise, with tau = ref - base."""
+    """None for adamw (the Trainer builds torch AdamW from the same settings); otherwise the
+    registry's optimizer with its own hyperparameters from the section, and for a merging one
+    tau = ref - base."""
     opt = section.optimizer
     if opt.name == "adamw":
         return None
-    try:
-        from taxfree.optim import build_optimizer
-    except ImportError as e:  # pragma: no cover - the optimizers ship with the package
-        raise TaxfreeError(f"optimizer {opt.name} is not available: {e}") from None
-    if ref is None or base is None:
+    from taxfree.optim import build_optimizer
+    from taxfree.optim.registry import optimizer_spec
+
+    if optimizer_spec(opt.name).merging and (ref is None or base is None):
         raise TaxfreeError(f"optimizer {opt.name} needs a reference and a base model (optimizer.ref / optimizer.base)")
     return build_optimizer(
         model,
         opt.name,
         lr=section.lr,
-        weight_decay=opt.weight_decay,
-        betas=tuple(opt.betas),
-        eps=opt.eps,
-        reserve_p=opt.reserve_p,
-        alpha=opt.alpha,
-        use_merge=opt.use_merge,
-        rescale=opt.rescale,
-        online_step=opt.online_step,
-        clip_tau=opt.clip_tau,
         ref=ref,
         base=base,
         seed=seed,
         # Under DeepSpeed each rank builds tau only for the partition it owns, at the first step.
         defer_tau=deepspeed_launch(),
+        **settings_of(opt),
     )
 
 
@@ -250,8 +204,6 @@ def save_model(model, tokenizer, out_dir: Path, trainer=None) -> None:
     With `trainer` (call it on every rank): the full weights are gathered from the shards
     (FSDP full state dict, ZeRO-3 16-bit gather; a collective) and rank 0 alone writes them.
     """
-    from taxfree.pipeline.runner import ranks
-
     r = ranks()
     state_dict = None
     if trainer is not None and r.world > 1:
@@ -276,18 +228,6 @@ def _classic_tokenizer_class(path: Path) -> None:
     if cfg.get("tokenizer_class") in ("TokenizersBackend", None):
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def finite(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def section_dict(section) -> dict:
-    return dataclasses.asdict(section)
 
 
 def _token_count(tokenizer, prompt, completion=None) -> int:

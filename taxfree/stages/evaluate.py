@@ -20,23 +20,101 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from taxfree.atomic import atomic_write_json
 from taxfree.data.records import read_jsonl, write_jsonl
 from taxfree.data.tiny_world import gold_reward, world_files
-from taxfree.errors import TaxfreeError
+from taxfree.errors import TaxfreeError, nearest
 from taxfree.eval.suites import SUITES, BenchmarkTask, task_score
 from taxfree.pipeline import manifest as mf
+from taxfree.console import log
+from taxfree.pipeline.paths import expand, is_model_ref
 from taxfree.pipeline.resolve import data_source, sft_model_source, tokenizer_source, world_dir
-from taxfree.pipeline.runner import log
-from taxfree.pipeline.schema import nearest
+from taxfree.pipeline.schema import require
+from taxfree.pipeline.stages import Stage, model_stages
 
-# The per-model results live in subdirectories; the runner must not wipe them on a re-run.
-KEEPS_VARIANTS = True
-MODEL_STAGES = ("align", "merge", "ama")
+
+@dataclass
+class LocalTaskConfig:
+    """A benchmark kept in a local JSONL file, scored by lm-eval like a public one
+    (taxfree.eval.local_tasks has the record shapes). Name it in `evaluate.benchmarks`."""
+
+    name: str = ""
+    kind: Literal["multiple_choice", "exact_match"] = "multiple_choice"
+    data: str = ""  # the test items
+    fewshot: str | None = None  # few-shot examples (never drawn from the test items)
+    num_fewshot: int = 0
+
+    def __post_init__(self):
+        self.data, self.fewshot = expand(self.data), expand(self.fewshot)
+
+    def check(self):
+        require(bool(re.match(r"^[A-Za-z][A-Za-z0-9_\-]*$", self.name)), "name",
+                 "letters, digits, '_' or '-', starting with a letter")
+        require(bool(self.data), "data", "the JSONL file of the test items is required")
+        require(self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
+        require(self.num_fewshot == 0 or self.fewshot is not None, "fewshot",
+                 "num_fewshot > 0 needs a fewshot file (examples are never drawn from the test items)")
+        for key in ("data", "fewshot"):
+            value = getattr(self, key)
+            require(value is None or Path(value).is_file(), key, f"file not found: {value}")
+
+
+@dataclass
+class EvaluateStageConfig:
+    """Reward and alignment tax of every model the run made (docs/algorithms.md 5).
+
+    Reward: mean reward-model score of each model's responses to the held-out prompts
+    (greedy unless `do_sample`). Tax: drop of the benchmark average relative to the SFT model.
+    """
+
+    # null = every model the run produced (sft, align/<variant>, merge/<point>, ama); or a list
+    # of those ids. The SFT model is always evaluated: it is the baseline of the tax.
+    models: list[str] | None = None
+    max_prompts: int | None = None  # null = every held-out prompt
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0  # only with do_sample
+    top_p: float = 1.0  # only with do_sample
+    batch_size: int = 16  # generation
+    reward_model: str | None = None  # null = the run's rm stage model
+    reward_label: str | None = None  # a classifier's class whose logit is the reward (see sample)
+    reward_batch_size: int = 16
+    pairrm: str | None = None  # null = off; a PairRM-hf directory or hub id
+    pairrm_batch_size: int = 8
+    # lm-eval task names ("task" or "task:metric"), suite names (taxfree.eval.SUITES) or names
+    # of local_tasks; null = the tiny world's tasks (tiny_knowledge, tiny_arithmetic) and every
+    # local task.
+    benchmarks: list[str] | None = None
+    local_tasks: list[LocalTaskConfig] = field(default_factory=list)
+    limit: int | None = None  # items per benchmark; null = all
+    benchmark_batch_size: int = 16
+    opencompass: list[str] = field(default_factory=list)  # OpenCompass datasets (math401, ds1000)
+    opencompass_data_dir: str | None = None
+    # HumanEval / MBPP run model-written code: only in a sandbox, and only when asked.
+    allow_code_execution: bool = False
+
+    def check(self):
+        require(self.models is None or len(self.models) >= 1, "models", "list at least one model (or null for all)")
+        require(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        require(self.temperature > 0, "temperature", "must be > 0")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        for k in ("batch_size", "reward_batch_size", "pairrm_batch_size", "benchmark_batch_size"):
+            require(getattr(self, k) >= 1, k, "must be >= 1")
+        require(self.limit is None or self.limit >= 1, "limit", "must be >= 1 (or null for every item)")
+        for b in self.benchmarks or []:
+            require(bool(b.strip()) and b.count(":") <= 1, "benchmarks", f"{b!r}: expected 'task', 'task:metric' or a suite name")
+        require(len(set(self.opencompass)) == len(self.opencompass), "opencompass", "a dataset is listed twice")
+        names = [t.name for t in self.local_tasks]
+        require(len(set(names)) == len(names), "local_tasks", "two local tasks have the same name")
+        require(is_model_ref(self.reward_model), "reward_model", f"model directory not found: {self.reward_model}")
+
 TINY_TASKS = {"tiny_knowledge": "knowledge_items", "tiny_arithmetic": "arithmetic_items"}
 _PERCENT_METRICS = ("bleu", "chrf", "ter")  # lm-eval reports these 0-100 already
 _TASKS_DIR = "lm_eval_tasks"
@@ -86,7 +164,7 @@ def preflight(cfg) -> None:
     for mid in cfg.evaluate.models or []:
         parts = mid.split("/")
         if mid.startswith("/") or "\\" in mid or any(p in ("", ".", "..") for p in parts) \
-                or parts[0] not in ("sft", *MODEL_STAGES) or (parts[0] == "sft") != (len(parts) == 1):
+                or parts[0] not in ("sft", *model_stages()) or (parts[0] == "sft") != (len(parts) == 1):
             raise TaxfreeError(f"{cfg.source}: evaluate.models: {mid!r} is not a model id of a run "
                                "(sft, align/<variant>, merge/<point>, ama/<variant>)")
     benchmark_tasks(cfg)
@@ -98,7 +176,7 @@ def finished_model_stages(cfg) -> list[str]:
     what exists; running merge or ama later changes evaluate's key, and only their new models
     are evaluated then (the others are cached)."""
     enabled = cfg.enabled_stages()
-    return [s for s in MODEL_STAGES if s in enabled and (s == "align" or mf.read_manifest(cfg.stage_dir(s)) is not None)]
+    return [s for s in model_stages() if s in enabled and (s == "align" or mf.read_manifest(cfg.stage_dir(s)) is not None)]
 
 
 def section(cfg) -> dict:
@@ -123,7 +201,7 @@ def run_models(cfg, ctx_inputs: dict) -> list[EvalModel]:
     _, sft_path = sft_model_source(cfg)
     models = [EvalModel("sft", "sft", sft_path, ctx_inputs["sft"], aligned_weight=0.0)]
     align_paths: dict[str, str] = {}
-    for stage in MODEL_STAGES:
+    for stage in model_stages():
         if stage not in ctx_inputs:
             continue
         sdir = cfg.stage_dir(stage)
@@ -377,7 +455,7 @@ def evaluate_model(m: EvalModel, shared: _Shared, mdir: Path, sft_responses: lis
 
 def model_key(m: EvalModel, ctx, baseline: EvalModel) -> str:
     """Changes when this model, the shared inputs (prompts, reward model, ...) or the settings change."""
-    shared = {k: v for k, v in ctx.inputs.items() if k not in ("sft", *MODEL_STAGES)}
+    shared = {k: v for k, v in ctx.inputs.items() if k not in ("sft", *model_stages())}
     settings = section(ctx.cfg)
     settings["evaluate"] = {k: v for k, v in settings["evaluate"].items() if k != "models"}
     key = {"model": m.identity, "shared": shared, "settings": settings}
@@ -404,7 +482,7 @@ def run(ctx) -> dict:
     from taxfree.eval.report import build_report
 
     cfg = ctx.cfg
-    missing = [s for s in MODEL_STAGES if s in cfg.enabled_stages() and s not in ctx.inputs]
+    missing = [s for s in model_stages() if s in cfg.enabled_stages() and s not in ctx.inputs]
     if missing:
         log(f"evaluate: {', '.join(missing)} has not run; its models are not evaluated (run it, then evaluate again)")
     tasks = benchmark_tasks(cfg)
@@ -458,3 +536,18 @@ def run(ctx) -> dict:
             if isinstance(r.get(k), (int, float)):
                 metrics[f"{r['id']}/{k}"] = r[k]
     return metrics
+
+
+STAGE = Stage(
+    name="evaluate",
+    help="reward, PairRM and benchmarks for every model the run made",
+    config=EvaluateStageConfig,
+    inputs=inputs,
+    section=section,
+    run=run,
+    preflight=preflight,
+    checkpoints={"sft": "causal_lm", "reward_model": "classifier"},
+    # The per-model results live in subdirectories; the runner must not wipe them on a re-run.
+    keeps_variants=True,
+)
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,8 +16,40 @@ from taxfree.data.records import read_jsonl
 from taxfree.errors import TaxfreeError
 from taxfree.models.load import load_tokenizer, require_eos
 from taxfree.pipeline.resolve import data_source, tokenizer_source
-from taxfree.stages.common import (evaluate_before_training, last_checkpoint, resumed_from_step, save_model,
-                                    tensorboard_callback, trainer_kwargs, whole_run_train_loss)
+from taxfree.pipeline.rundir import last_checkpoint
+from taxfree.pipeline.schema import require
+from taxfree.pipeline.stages import Stage
+from taxfree.pipeline.train_config import TrainConfig
+from taxfree.stages.common import (evaluate_before_training, resumed_from_step, save_model, tensorboard_callback,
+                                    trainer_kwargs, whole_run_train_loss)
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the tiny Llama the tiny world pretrains (vocab size comes from its tokenizer)."""
+
+    hidden_size: int = 64
+    num_layers: int = 6
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = False
+
+    def check(self):
+        require(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
+        require(self.num_layers >= 1, "num_layers", "must be >= 1")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Causal LM on the world's corpus (tiny world only): makes the `base` model."""
+
+    epochs: float = 6.0
+    lr: float = 3e-3
+    warmup_ratio: float = 0.02
+    batch_size: int = 32
+    max_length: int = 64
+    model: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
 def inputs(cfg) -> dict:
@@ -114,3 +147,17 @@ def run(ctx) -> dict:
         "eval_blocks": len(eval_blocks),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+STAGE = Stage(
+    name="pretrain",
+    help="pretrain the tiny base model on the world's corpus",
+    config=PretrainConfig,
+    inputs=inputs,
+    section=section,
+    run=run,
+    preflight=preflight,
+    needs_eos=True,
+    applies=lambda cfg: cfg.world.kind == "tiny" and cfg.models.base is None,
+)
+

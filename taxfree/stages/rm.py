@@ -8,14 +8,37 @@ scoring the eval pairs with the same scorer the later stages use.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from taxfree.data.records import read_jsonl
 from taxfree.errors import TaxfreeError
 from taxfree.models.load import load_tokenizer
+from taxfree.pipeline.paths import is_model_ref
 from taxfree.pipeline.resolve import data_source, sft_model_source, tokenizer_source
+from taxfree.pipeline.rundir import last_checkpoint
+from taxfree.pipeline.schema import require
+from taxfree.pipeline.stages import Stage
+from taxfree.pipeline.train_config import TrainConfig
 from taxfree.stages.callbacks import LastLogs, numeric
-from taxfree.stages.common import (last_checkpoint, resumed_from_step, save_model, tensorboard_callback, trainer_kwargs,
-                                    whole_run_train_loss)
+from taxfree.stages.common import resumed_from_step, save_model, tensorboard_callback, trainer_kwargs, whole_run_train_loss
+
+
+@dataclass
+class RMStageConfig(TrainConfig):
+    """Reward model on preference pairs with TRL's RewardTrainer (Bradley-Terry)."""
+
+    # null = the run's SFT model with a fresh scalar head; or any model directory / hub id that
+    # loads as a sequence classifier (a different encoder, e.g. DeBERTa or MiniLM).
+    backbone: str | None = None
+    epochs: float = 1.0
+    lr: float = 1e-5
+    batch_size: int = 8
+    max_length: int = 1024
+    center_rewards_coefficient: float | None = None
+
+    def check(self):
+        super().check()
+        require(is_model_ref(self.backbone), "backbone", f"model directory not found: {self.backbone}")
 
 
 def backbone_source(cfg):
@@ -121,3 +144,16 @@ def run(ctx) -> dict:
     metrics.update(train_loss=whole_run_train_loss(trainer, result), steps=result.global_step, train_pairs=len(train),
                    resumed_from_step=resumed_from_step(trainer))
     return metrics
+
+
+STAGE = Stage(
+    name="rm",
+    help="train the reward model (TRL RewardTrainer on preference pairs)",
+    config=RMStageConfig,
+    inputs=inputs,
+    section=section,
+    run=run,
+    checkpoints={"backbone": "classifier"},
+    needs_eos=True,
+)
+

@@ -15,17 +15,65 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from taxfree.atomic import atomic_write_text
+from taxfree.console import log
 from taxfree.data.records import completion_text, read_jsonl, write_jsonl
 from taxfree.data.tiny_world import gold_reward
 from taxfree.errors import TaxfreeError
 from taxfree.models.load import load_causal_lm, load_tokenizer
+from taxfree.losses.methods import align_method
+from taxfree.pipeline.paths import is_model_ref
 from taxfree.pipeline.resolve import data_source, sft_model_source, tokenizer_source
-from taxfree.pipeline.runner import log
+from taxfree.pipeline.schema import require
+from taxfree.pipeline.stages import Stage
+
+
+@dataclass
+class SampleStageConfig:
+    """K completions per training prompt from a policy, scored by the reward model."""
+
+    policy: str | None = None  # null = the run's SFT model
+    # The scorer: null = the run's rm model; or any sequence classifier (a model id or directory),
+    # e.g. a sentiment classifier for EXO's IMDB task, with reward_label naming the class whose
+    # logit is the reward (by id2label name or index; null for a one-logit reward model).
+    reward_model: str | None = None
+    reward_label: str | None = None
+    prompts: Literal["pref_train", "sft_train"] = "pref_train"
+    num_completions: int = 4
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_prompts: int | None = None
+    batch_size: int = 16
+    score_batch_size: int = 16
+    chunk_size: int = 64
+
+    def check(self):
+        require(self.num_completions >= 2, "num_completions", "must be >= 2")
+        require(self.temperature > 0, "temperature", "must be > 0 (sampling)")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        require(self.batch_size >= 1 and self.score_batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        require(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")
+        for key in ("policy", "reward_model"):
+            require(is_model_ref(getattr(self, key)), key, f"model directory not found: {getattr(self, key)}")
+
+
+def needs_samples(cfg) -> bool:
+    """Reward-labelled samples feed the methods that train on samples (exo-rw, dpo-rw), pairs
+    drawn from samples (align.pref_pairs: samples), and AMA's collected data unless ama.data is
+    given or AMA samples the aligned models itself."""
+    if any(align_method(m).needs_samples for m in cfg.align.methods) or cfg.align.pref_pairs == "samples":
+        return True
+    return cfg.ama.data is None and cfg.ama.collect_from == "sample" and (cfg.stages is None or "ama" in cfg.stages)
+
 
 _KINDS = {"pref_train": "pref", "sft_train": "sft"}
 
@@ -208,3 +256,16 @@ def run(ctx) -> dict:
         metrics["mean_gold_reward"] = sum(gold_reward(completion_text(c)) for r in records for c in r["completions"]) / len(all_rewards)
         metrics["mean_best_gold_reward"] = sum(gold_reward(c["messages"][-1]["content"]) for c in collected) / len(collected)
     return metrics
+
+
+STAGE = Stage(
+    name="sample",
+    help="sample K completions per prompt and score them with the reward model",
+    config=SampleStageConfig,
+    inputs=inputs,
+    section=section,
+    run=run,
+    applies=needs_samples,
+    checkpoints={"policy": "causal_lm", "reward_model": "classifier"},
+)
+

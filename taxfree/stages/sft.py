@@ -7,17 +7,21 @@ so TRL masks the prompt; the held-out response loss is measured before and after
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
-from taxfree.optim.trainer import hand_optimizer_to_trainer
 from taxfree.data.records import read_jsonl
-from taxfree.errors import TaxfreeError
+from taxfree.errors import ConfigError, TaxfreeError
 from taxfree.models.load import load_causal_lm, load_tokenizer
+from taxfree.optim.registry import optimizer_spec
+from taxfree.optim.trainer import hand_optimizer_to_trainer
 from taxfree.pipeline.resolve import base_model_source, data_source, tokenizer_source
+from taxfree.pipeline.rundir import last_checkpoint
+from taxfree.pipeline.stages import Stage
+from taxfree.pipeline.train_config import TrainConfig
 from taxfree.stages.common import (
     build_stage_optimizer,
     check_lengths,
     evaluate_before_training,
-    last_checkpoint,
     loaded_partitioned,
     resumed_from_step,
     save_model,
@@ -25,6 +29,33 @@ from taxfree.stages.common import (
     trainer_kwargs,
     whole_run_train_loss,
 )
+
+
+@dataclass
+class SFTStageConfig(TrainConfig):
+    """Supervised fine-tuning with TRL's SFTTrainer, loss on responses only."""
+
+    epochs: float = 2.0
+    lr: float = 2e-5
+    batch_size: int = 8
+    max_length: int = 1024
+    completion_only_loss: bool = True
+
+
+def check(cfg) -> None:
+    """Where the base model and the SFT data come from when no tiny world makes them, and the
+    two models a merging optimizer needs (the run provides them to align only)."""
+    src = cfg.source
+    if cfg.world.kind != "tiny":
+        if cfg.models.base is None and cfg.models.sft is None:
+            raise ConfigError(f"{src}: models.base: required when world.kind is not 'tiny' (nothing pretrains a base model)")
+        if cfg.models.sft is None and cfg.data.sft_train is None:
+            raise ConfigError(f"{src}: data.sft_train: required to run sft when world.kind is not 'tiny'")
+    opt = cfg.sft.optimizer
+    if optimizer_spec(opt.name).merging and (opt.ref is None or opt.base is None):
+        missing = "ref" if opt.ref is None else "base"
+        raise ConfigError(f"{src}: sft.optimizer.{missing}: {opt.name} in sft needs optimizer.ref and optimizer.base "
+                          "(tau = ref - base); the run provides them only to the align stage")
 
 
 def inputs(cfg) -> dict:
@@ -36,7 +67,7 @@ def inputs(cfg) -> dict:
     }
     for key in ("ref", "base"):
         value = getattr(cfg.sft.optimizer, key)
-        if value is not None and cfg.sft.optimizer.name != "adamw":
+        if value is not None and optimizer_spec(cfg.sft.optimizer.name).merging:
             out[f"optimizer_{key}"] = (None, value)
     return out
 
@@ -125,3 +156,18 @@ def run(ctx) -> dict:
         loaded_partitioned=partitioned,
     )
     return metrics
+
+
+STAGE = Stage(
+    name="sft",
+    help="supervised fine-tuning (TRL SFTTrainer, loss on responses)",
+    config=SFTStageConfig,
+    inputs=inputs,
+    section=section,
+    run=run,
+    check=check,
+    checkpoints={"base": "causal_lm", "optimizer_ref": "causal_lm", "optimizer_base": "causal_lm"},
+    needs_eos=True,
+    applies=lambda cfg: cfg.models.sft is None,
+)
+

@@ -1,6 +1,6 @@
 """Our own trainers for alignment methods TRL does not have, on transformers' Trainer."""
 
-from taxfree.trainers.config import CONTRASTIVE_TRAINER_LOSSES, PAIRWISE_LOSSES, ContrastiveConfig
+from taxfree.trainers.config import ContrastiveConfig, contrastive_methods
 from taxfree.trainers.contrastive import ContrastiveTrainer
 from taxfree.trainers.data import (
     ContrastiveCollator,
@@ -10,11 +10,10 @@ from taxfree.trainers.data import (
 )
 
 __all__ = [
-    "CONTRASTIVE_TRAINER_LOSSES",
-    "PAIRWISE_LOSSES",
     "ContrastiveCollator",
     "ContrastiveConfig",
     "ContrastiveTrainer",
+    "contrastive_methods",
     "record_format",
     "tokenize_dataset",
     "tokenize_prompt_completions",

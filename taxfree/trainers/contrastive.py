@@ -16,10 +16,8 @@ from torch import nn
 from transformers import Trainer
 
 from taxfree.errors import TaxfreeError
-from taxfree.losses.contrastive import contrastive_loss, winner_loser
-from taxfree.losses.kto_pair import kto_pair_kl_estimates, kto_pair_loss
 from taxfree.losses.logprobs import sequence_logps
-from taxfree.trainers.config import PAIRWISE_LOSSES, ContrastiveConfig
+from taxfree.trainers.config import ContrastiveConfig, contrastive_methods
 from taxfree.trainers.data import TOKENIZED_COLUMNS, ContrastiveCollator, check_tokenizer, tokenize_dataset
 
 
@@ -34,7 +32,9 @@ class ContrastiveTrainer(Trainer):
     best-rewarded completion has a log-ratio strictly above every other one), `rewards/chosen`,
     `rewards/rejected`, `rewards/margins` (beta times the log-ratio of the best and worst
     completion, and their difference), `logratios/mean|min|max` (z over all completions: the
-    KL-like statistic), and for kto-pair `kl/chosen`, `kl/rejected` (the loss's reference points).
+    KL-like statistic), and the extra metrics a method's loss returns (kto-pair: `kl/chosen`,
+    `kl/rejected`, the loss's reference points). The loss is the method's declared function
+    (taxfree.losses.methods), called with its declared settings.
     """
 
     # compute_loss returns a per-batch mean: the base class divides it by the accumulation steps.
@@ -68,7 +68,7 @@ class ContrastiveTrainer(Trainer):
             num_completions=args.num_completions,
             max_length=args.max_length,
             max_prompt_length=args.max_prompt_length,
-            pairwise=args.loss_type in PAIRWISE_LOSSES,
+            pairwise=contrastive_methods()[args.loss_type].pairwise,
         )
         with args.main_process_first(desc="tokenizing contrastive datasets"):
             if train_dataset is not None:
@@ -81,6 +81,7 @@ class ContrastiveTrainer(Trainer):
         if data_collator is None:
             data_collator = ContrastiveCollator(pad_token_id=processing_class.pad_token_id)
 
+        self.method = contrastive_methods()[args.loss_type]
         ref_model.requires_grad_(False)
         ref_model.eval()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -136,25 +137,17 @@ class ContrastiveTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ):
-        args = self.args
         rewards = inputs["rewards"]
         z = self.completion_logratios(model, inputs)
-        if args.loss_type == "kto-pair":
-            z_w, z_l = winner_loser(z, rewards)
-            loss = kto_pair_loss(z_w, z_l, args.beta)
-            kl = torch.stack(kto_pair_kl_estimates(z_w, z_l))
-        else:
-            loss = contrastive_loss(args.loss_type, z, rewards, args.beta_pi, args.beta_r, args.pref_eps)
-            kl = None
-        self._record_metrics("train" if model.training else "eval", z.detach(), rewards, kl)
+        out = self.method.loss(z, rewards, **self.args.method_settings())
+        loss, extra = out if isinstance(out, tuple) else (out, {})
+        self._record_metrics("train" if model.training else "eval", z.detach(), rewards, extra)
         return (loss, {"logratios": z.detach()}) if return_outputs else loss
 
     # ---- metrics -----------------------------------------------------------------------------
 
-    def _record_metrics(
-        self, mode: str, z: torch.Tensor, rewards: torch.Tensor, kl: torch.Tensor | None
-    ) -> None:
-        scale = self.args.beta if self.args.loss_type == "kto-pair" else self.args.beta_pi
+    def _record_metrics(self, mode: str, z: torch.Tensor, rewards: torch.Tensor, extra: dict) -> None:
+        scale = self.args.method_settings()[self.method.reward_scale]
         best = rewards.argmax(dim=1, keepdim=True)
         worst = rewards.argmin(dim=1, keepdim=True)
         z_best = z.gather(1, best).squeeze(1)
@@ -174,10 +167,12 @@ class ContrastiveTrainer(Trainer):
         m["logratios/mean"].append(all_z.mean().item())
         m["logratios/min"].append(all_z.min().item())
         m["logratios/max"].append(all_z.max().item())
-        if kl is not None:
-            kl = self.accelerator.gather(kl.reshape(1, 2).float()).mean(dim=0)
-            m["kl/chosen"].append(kl[0].item())
-            m["kl/rejected"].append(kl[1].item())
+        if extra:  # scalars of this batch, averaged over ranks
+            names = sorted(extra)
+            values = torch.stack([extra[k].detach().reshape(()).float() for k in names]).reshape(1, -1)
+            values = self.accelerator.gather(values).mean(dim=0)
+            for k, v in zip(names, values.tolist()):
+                m[k].append(v)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the metrics averaged since the last log (min/max: over the window) to the Trainer's logs."""
