@@ -24,6 +24,25 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value (repeatable), e.g. --set sft.lr=1e-5")
 
 
+def _add_seeds_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", metavar="K,K,...",
+                   help="run the stages from `seed_from` (align) on once per seed, e.g. --seeds 0,1,2 "
+                        "(the config's `seeds:`); earlier stages run once and are shared")
+
+
+def _seeds_override(text: str | None) -> list[str]:
+    """`--seeds 0,1,2` as the override `seeds=[0, 1, 2]`."""
+    if text is None:
+        return []
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise TaxfreeError(f"--seeds {text}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise TaxfreeError(f"--seeds {text}: expected comma-separated integers, e.g. --seeds 0,1,2")
+    return [f"seeds=[{', '.join(map(str, seeds))}]"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="taxfree", description="Alignment that raises reward and keeps the alignment tax low.")
     parser.add_argument("--version", action="version", version=f"taxfree {__version__}")
@@ -36,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGE_ORDER)}")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if finished")
+    _add_seeds_arg(p)
 
     for declared in all_stages():
         if declared.name in _OWN_COMMANDS:
@@ -45,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="re-run even if finished")
+        _add_seeds_arg(p)
         p.set_defaults(stage=declared.name)
 
     try:
@@ -156,7 +177,7 @@ def _main(argv: list[str]) -> int:
 
     from taxfree.pipeline.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + _seeds_override(getattr(args, "seeds", None)))
     if cfg.models.trust_remote_code:
         from taxfree.models.load import warn_trust_remote_code
 

@@ -111,6 +111,15 @@ def _check_run(cfg) -> None:
     for s in cfg.stages or []:
         if s not in STAGE_ORDER:
             raise ConfigError(f"{src}: stages: unknown stage {s!r}{nearest(s, STAGE_ORDER)}")
+    if cfg.seed_from not in STAGE_ORDER:
+        raise ConfigError(f"{src}: seed_from: unknown stage {cfg.seed_from!r}{nearest(cfg.seed_from, STAGE_ORDER)}")
+    if cfg.seeds is not None:
+        if not cfg.seeds:
+            raise ConfigError(f"{src}: seeds: list at least one seed (or null for one run with `seed`)")
+        if len(set(cfg.seeds)) != len(cfg.seeds):
+            raise ConfigError(f"{src}: seeds: a seed is listed twice")
+        if any(s < 0 for s in cfg.seeds):
+            raise ConfigError(f"{src}: seeds: seeds must be >= 0")
     for key in dataclasses.fields(DataConfig):
         require_file(src, f"data.{key.name}", getattr(cfg.data, key.name))
     for key in ("base", "sft", "tokenizer"):

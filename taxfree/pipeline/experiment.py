@@ -55,22 +55,45 @@ class ExperimentBase:
     """The run-wide settings; `experiment_class()` adds a section per stage."""
 
     name: str = "experiment"
-    seed: int = 0
+    seed: int = 0  # the seed of every stage, or with `seeds` of the shared stages
+    # Seeds as an axis: the stages from `seed_from` on run once per seed (in runs/<name>/seed<k>/),
+    # the ones before it once, with `seed`; null = one run with `seed`, no seed directories.
+    seeds: list[int] | None = None
+    seed_from: str = "align"
     run_dir: str = "runs"
     stages: list[str] | None = None
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
-    # Set by load_config, not by the YAML.
+    # Set by load_config and for_seed, not by the YAML.
     source: str = field(default="<config>", repr=False, init=False)
     base_dir: str = field(default=".", repr=False, init=False)
+    seed_dir: str | None = field(default=None, repr=False, init=False)
 
     @property
     def root(self) -> Path:
         """runs/<name>: every output of this experiment lives below it."""
         return Path(self.run_dir) / self.name
 
+    def per_seed(self, stage: str) -> bool:
+        """Whether `stage` runs once per seed (from `seed_from` on, except the stages that gather
+        seeds); always False without `seeds`."""
+        from taxfree.pipeline.stages import stage as declared
+
+        if not self.seeds:
+            return False
+        return STAGE_ORDER.index(stage) >= STAGE_ORDER.index(self.seed_from) and not declared(stage).across_seeds
+
+    def for_seed(self, seed: int):
+        """This config for one seed: `seed` set, per-seed stages under runs/<name>/seed<k>/."""
+        copy = dataclasses.replace(self)
+        copy.source, copy.base_dir = self.source, self.base_dir
+        copy.seed, copy.seed_dir = seed, str(self.root / f"seed{seed}")
+        return copy
+
     def stage_dir(self, stage: str) -> Path:
+        if self.seed_dir is not None and self.per_seed(stage):
+            return Path(self.seed_dir) / stage
         return self.root / stage
 
     def enabled_stages(self) -> list[str]:
@@ -82,8 +105,8 @@ class ExperimentBase:
 
     def to_dict(self) -> dict:
         d = to_dict(self)
-        d.pop("source", None)
-        d.pop("base_dir", None)
+        for key in ("source", "base_dir", "seed_dir"):
+            d.pop(key, None)
         return d
 
 

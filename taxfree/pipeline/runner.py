@@ -34,43 +34,65 @@ def _fingerprint(path: str) -> str:
 
 
 class Runner:
+    """Runs a config's stages. With `seeds:` the stages before `seed_from` run once (the shared
+    ones), every later stage once per seed in `<run>/seed<k>/`, and the stages that gather
+    seeds (`Stage.across_seeds`: report) once after all of them."""
+
     def __init__(self, cfg, force: bool = False, argv: list[str] | None = None):
         self.cfg = cfg
         self.force = force
         self.argv = argv or sys.argv
-        self._fresh: dict[str, str] = {}
+        self._fresh: dict[str, str] = {}  # stage directory -> run id of what ran in this call
+
+    def _cfg_for(self, cfg, name: str):
+        """The config a stage runs with: the seed's for per-seed stages, else the shared one."""
+        return cfg if cfg.per_seed(name) else self.cfg
 
     # -- planning ---------------------------------------------------------------------------
-    def _upstream_run_id(self, reader: str, upstream: str, planned: list[str]) -> str:
-        if upstream in planned and upstream in self._fresh:
-            return self._fresh[upstream]
-        m = mf.read_manifest(self.cfg.stage_dir(upstream))
+    def _upstream_run_id(self, cfg, reader: str, upstream: str, planned: list[str]) -> str:
+        cfg = self._cfg_for(cfg, upstream)
+        where = str(cfg.stage_dir(upstream))
+        if upstream in planned and where in self._fresh:
+            return self._fresh[where]
+        m = mf.read_manifest(cfg.stage_dir(upstream))
         if m is None:
             raise TaxfreeError(
-                f"{reader} needs the {upstream} stage, which has not finished: run `taxfree run {self.cfg.source} --stages {upstream}` first"
+                f"{reader} needs the {upstream} stage, which has not finished: run `taxfree run {cfg.source} --stages {upstream}` first"
             )
-        if m.get("key") != self.stage_key(upstream, planned):
+        if m.get("key") != self.stage_key(upstream, planned, cfg):
             raise TaxfreeError(
                 f"{reader} needs the {upstream} stage, whose result is out of date (config or inputs changed): "
-                f"run `taxfree run {self.cfg.source} --stages {upstream}` first"
+                f"run `taxfree run {cfg.source} --stages {upstream}` first"
             )
         return m["run_id"]
 
-    def stage_inputs(self, name: str, planned: list[str]) -> dict:
+    def stage_inputs(self, name: str, planned: list[str], cfg=None) -> dict:
+        """What a stage reads, with identities: an upstream stage's run id, a file's hash. A stage
+        that gathers seeds reads its inputs once per seed (`seed<k>/<input>`)."""
+        cfg = cfg or self.cfg
+        declared = stage(name)
+        if declared.across_seeds and cfg.seeds:
+            out = {}
+            for k in cfg.seeds:
+                for key, value in self.stage_inputs(name, planned, cfg.for_seed(k)).items():
+                    out[f"seed{k}/{key}"] = value
+            return out
         out = {}
-        for key, (upstream, path) in sorted(stage(name).inputs(self.cfg).items()):
+        for key, (upstream, path) in sorted(declared.inputs(cfg).items()):
             if upstream is not None:
-                out[key] = {"stage": upstream, "run_id": self._upstream_run_id(name, upstream, planned)}
+                out[key] = {"stage": upstream, "run_id": self._upstream_run_id(cfg, name, upstream, planned)}
             elif path is not None:
                 out[key] = {"path": path, "hash": _fingerprint(path)}
         return out
 
-    def stage_key(self, name: str, planned: list[str]) -> str:
-        return run_key(self.cfg, {"stage": name, "config": stage(name).section(self.cfg),
-                                  "inputs": self.stage_inputs(name, planned)})
+    def stage_key(self, name: str, planned: list[str], cfg=None) -> str:
+        cfg = cfg or self.cfg
+        return run_key(cfg, {"stage": name, "config": stage(name).section(cfg),
+                             "inputs": self.stage_inputs(name, planned, cfg)})
 
     # -- running ----------------------------------------------------------------------------
     def run(self, stages: list[str] | None = None) -> dict[str, dict]:
+        """Results by stage; with seeds, per-seed stages as `seed<k>/<stage>`."""
         planned = list(stages) if stages is not None else self.cfg.enabled_stages()
         for s in planned:
             stage(s)  # an unknown name is an error before anything runs
@@ -81,26 +103,41 @@ class Runner:
         created = missing_parents(self.cfg.root)
         from taxfree.models.chat_templates import resolve_chat_template, run_chat_template
 
+        seeds = self.cfg.seeds
         try:
             with run_chat_template(resolve_chat_template(self.cfg.models.chat_template)):
-                for name in planned:
-                    results[name] = self.run_stage(name, planned)
+                if not seeds:
+                    for name in planned:
+                        results[name] = self.run_stage(name, planned)
+                else:
+                    gather = [s for s in planned if stage(s).across_seeds]
+                    for name in planned:
+                        if not self.cfg.per_seed(name) and name not in gather:
+                            results[name] = self.run_stage(name, planned)
+                    for k in seeds:
+                        cfg = self.cfg.for_seed(k)
+                        log(f"seed {k}: {cfg.seed_dir}")
+                        for name in planned:
+                            if cfg.per_seed(name):
+                                results[f"seed{k}/{name}"] = self.run_stage(name, planned, cfg)
+                    for name in gather:
+                        results[name] = self.run_stage(name, planned)
         except TaxfreeError:
             remove_if_empty(created)  # a first run that failed leaves no empty runs/<name>/ behind
             raise
         return results
 
-    def run_stage(self, name: str, planned: list[str]) -> dict:
+    def run_stage(self, name: str, planned: list[str], cfg=None) -> dict:
         declared = stage(name)
-        cfg = self.cfg
+        cfg = cfg or self.cfg
         stage_dir = cfg.stage_dir(name)
-        inputs = self.stage_inputs(name, planned)
+        inputs = self.stage_inputs(name, planned, cfg)
         section = declared.section(cfg)
         key = run_key(cfg, {"stage": name, "config": section, "inputs": inputs})
         old = mf.read_manifest(stage_dir)
         if old is not None and old.get("key") == key and not self.force:
             log(f"{name}: up to date ({stage_dir})")
-            self._fresh[name] = old["run_id"]
+            self._fresh[str(stage_dir)] = old["run_id"]
             return old
         r = ranks()
         r.barrier()  # every rank has read the old manifest before rank 0 touches it
@@ -142,6 +179,6 @@ class Runner:
             mf.write_manifest(stage_dir, manifest)
             started_path.unlink(missing_ok=True)
         r.barrier()
-        self._fresh[name] = run_id
+        self._fresh[str(stage_dir)] = run_id
         log(f"{name}: done in {manifest['duration_s']:.1f}s; " + summary(metrics))
         return manifest

@@ -20,6 +20,8 @@ asked for (`stage(name)`), so importing the pipeline imports no stage.
     makes_models             its finished variants hold models that `evaluate` measures
     keeps_variants           its directory holds variants with their own manifests, kept
                              across re-runs (the runner does not wipe the stage directory)
+    across_seeds             with `seeds:` it runs once, after every seed, and reads every
+                             seed's inputs (report); other stages from `seed_from` on run per seed
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Stage:
     needs_eos: bool = False
     makes_models: bool = False
     keeps_variants: bool = False
+    across_seeds: bool = False
 
 
 @dataclass

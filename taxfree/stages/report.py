@@ -47,5 +47,6 @@ STAGE = Stage(
     inputs=inputs,
     section=section,
     run=run,
+    across_seeds=True,
 )
 
