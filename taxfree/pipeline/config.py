@@ -17,6 +17,7 @@ from typing import Literal
 import yaml
 
 from taxfree.errors import ConfigError, TaxfreeError
+from taxfree.eval.judge.config import JudgeConfig
 from taxfree.pipeline.schema import build_dataclass, nearest, to_dict
 
 STAGE_ORDER = ["world", "pretrain", "sft", "rm", "sample", "align", "merge", "ama", "evaluate", "report"]
@@ -411,6 +412,7 @@ class EvaluateStageConfig:
     opencompass_data_dir: str | None = None
     # HumanEval / MBPP run model-written code: only in a sandbox, and only when asked.
     allow_code_execution: bool = False
+    judge: JudgeConfig | None = None  # MT-Bench / AlpacaEval 2.0 through a judge (taxfree.eval.judge); null = off
 
     def check(self):
         _require(self.models is None or len(self.models) >= 1, "models", "list at least one model (or null for all)")
@@ -434,6 +436,7 @@ class ReportStageConfig:
 
     title: str | None = None  # null = "<name>: reward vs alignment tax"
     dpi: int = 150
+    reward_axis: Literal["reward", "mt_bench", "alpaca_eval_lc", "alpaca_eval_wr"] = "reward"  # the plot's y axis
 
     def check(self):
         _require(30 <= self.dpi <= 600, "dpi", "must be in [30, 600]")

@@ -77,6 +77,10 @@ def inputs(cfg) -> dict:
         out[f"task:{t.name}"] = (None, t.data)
         if t.fewshot is not None:
             out[f"task:{t.name}:fewshot"] = (None, t.fewshot)
+    if cfg.evaluate.judge is not None:  # MT-Bench / AlpacaEval data files
+        from taxfree.eval.judge import judge_inputs
+
+        out.update(judge_inputs(cfg.evaluate.judge))
     return out
 
 
@@ -90,6 +94,10 @@ def preflight(cfg) -> None:
             raise TaxfreeError(f"{cfg.source}: evaluate.models: {mid!r} is not a model id of a run "
                                "(sft, align/<variant>, merge/<point>, ama/<variant>)")
     benchmark_tasks(cfg)
+    if cfg.evaluate.judge is not None:  # variables, data files, serve setup: before any stage runs
+        from taxfree.eval.judge import preflight as judge_preflight
+
+        judge_preflight(cfg.evaluate.judge, cfg.source)
 
 
 def finished_model_stages(cfg) -> list[str]:
@@ -231,6 +239,7 @@ class _Shared:
             records = records[: self.sec.max_prompts]
         self.prompts = [r["prompt"] for r in records]
         self._rm = self._pairrm = self._include = None
+        self.judge = None  # a taxfree.eval.judge.JudgeSession when evaluate.judge is set
 
     def reward_model(self):
         if self._rm is None:
@@ -315,7 +324,7 @@ def evaluate_model(m: EvalModel, shared: _Shared, mdir: Path, sft_responses: lis
     lm_tasks = [t for t in shared.tasks if t.runner == "lm_eval"]
     oc_tasks = [t for t in shared.tasks if t.runner == "opencompass"]
     steps = ["generate", "reward"] + (["pairrm"] if sec.pairrm else []) + (["benchmarks"] if lm_tasks else []) \
-        + (["opencompass"] if oc_tasks else [])
+        + (["opencompass"] if oc_tasks else []) + (["judge"] if shared.judge is not None else [])
     bar = tqdm(total=len(steps), desc=f"evaluate {m.id}", unit="step")
 
     def step(name):
@@ -363,6 +372,10 @@ def evaluate_model(m: EvalModel, shared: _Shared, mdir: Path, sft_responses: lis
         step("opencompass")
         results.update(_run_opencompass(m, oc_tasks, shared, mdir))
         bar.update()
+    if shared.judge is not None:
+        step("judge")
+        row.update(shared.judge.score(model, tokenizer, m.identity, mdir))
+        bar.update()
     bar.close()
     row["benchmarks"] = results
     counted = [counted_metric(t, results) for t in shared.tasks]
@@ -380,10 +393,25 @@ def model_key(m: EvalModel, ctx, baseline: EvalModel) -> str:
     shared = {k: v for k, v in ctx.inputs.items() if k not in ("sft", *MODEL_STAGES)}
     settings = section(ctx.cfg)
     settings["evaluate"] = {k: v for k, v in settings["evaluate"].items() if k != "models"}
+    if ctx.cfg.evaluate.judge is not None:  # not the endpoint or concurrency: what the judged numbers depend on
+        settings["evaluate"]["judge"] = ctx.cfg.evaluate.judge.result_settings()
     key = {"model": m.identity, "shared": shared, "settings": settings}
     if ctx.cfg.evaluate.pairrm is not None:
         key["baseline"] = baseline.identity  # win rates are against the SFT model's responses
     return mf.hash_obj(key)
+
+
+def _clear_model_dir(mdir: Path) -> None:
+    """Empty a model's directory for a new evaluation, keeping the judge's cache (judge/): its
+    answers and judgements are keyed by what they depend on, so they stay valid."""
+    from taxfree.eval.judge import JUDGE_DIR
+
+    if mdir.exists():
+        for p in mdir.iterdir():
+            if p.name == JUDGE_DIR and p.is_dir():
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    mdir.mkdir(parents=True, exist_ok=True)
 
 
 def _remove_stale(ctx, current: set[str]) -> None:
@@ -401,6 +429,15 @@ def _remove_stale(ctx, current: set[str]) -> None:
 
 
 def run(ctx) -> dict:
+    from taxfree.eval.judge import open_judge
+
+    cfg = ctx.cfg
+    with open_judge(cfg.evaluate.judge, ctx.dir, source=cfg.source, batch_size=cfg.evaluate.batch_size,
+                    seed=cfg.seed) as judge:  # a remote judge is checked here, before any model
+        return _run(ctx, judge)
+
+
+def _run(ctx, judge) -> dict:
     from taxfree.eval.report import build_report
 
     cfg = ctx.cfg
@@ -410,6 +447,7 @@ def run(ctx) -> dict:
     tasks = benchmark_tasks(cfg)
     models = run_models(cfg, ctx.inputs)
     shared = _Shared(ctx, tasks)
+    shared.judge = judge
     rows, evaluated = [], []
     sft_responses = None
     for m in models:
@@ -425,9 +463,7 @@ def run(ctx) -> dict:
             log(f"evaluate/{m.id}: up to date")
             row = cached["result"]
         else:
-            if mdir.exists():
-                shutil.rmtree(mdir)
-            mdir.mkdir(parents=True)
+            _clear_model_dir(mdir)
             log(f"evaluate/{m.id}: evaluating {m.path}")
             row = evaluate_model(m, shared, mdir, sft_responses)
             atomic_write_json(mdir / "results.json", {"key": key, "model_id": m.id, "result": row})
@@ -454,7 +490,8 @@ def run(ctx) -> dict:
     report = build_report(results)
     metrics: dict = {"models": len(rows), "evaluated": len(evaluated)}
     for r in report["models"]:
-        for k in ("reward", "gold_reward", "pairrm_win_rate", "benchmark_average", "tax_average"):
+        for k in ("reward", "gold_reward", "pairrm_win_rate", "benchmark_average", "tax_average", "mt_bench",
+                  "alpaca_eval_lc", "alpaca_eval_wr"):
             if isinstance(r.get(k), (int, float)):
                 metrics[f"{r['id']}/{k}"] = r[k]
     return metrics
