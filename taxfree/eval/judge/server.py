@@ -1,8 +1,8 @@
 """A local judge for the duration of a stage: vLLM's OpenAI-compatible server on 127.0.0.1.
 
 `serve_judge(model_dir, ...)` starts `python -m vllm.entrypoints.openai.api_server` with the
-Python of the vLLM environment (`.vllm-venv`, made by `make vllm-env`; vLLM pins its own torch,
-so it never enters the main environment), on a free port bound to 127.0.0.1 only, its output
+Python of the vLLM environment (`.vllm-venv`, made by `make vllm-env`, or $TAXFREE_VLLM_VENV; vLLM
+pins its own torch, so it never enters the main environment), on a free port bound to 127.0.0.1 only, its output
 in a log file, and yields the base URL once the server lists its models. On leaving, the
 server's process group gets SIGTERM, then SIGKILL if it has not exited within 30 s.
 """
@@ -24,19 +24,26 @@ VLLM_VENV = ".vllm-venv"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
+def vllm_venvs() -> list[Path]:
+    """Where the vLLM environment is looked for: $TAXFREE_VLLM_VENV if set, else `.vllm-venv` in
+    the working directory, then in the repository."""
+    if os.environ.get("TAXFREE_VLLM_VENV"):
+        return [Path(os.environ["TAXFREE_VLLM_VENV"])]
+    return [Path.cwd() / VLLM_VENV, Path(__file__).resolve().parents[3] / VLLM_VENV]
+
+
 def vllm_python() -> Path | None:
-    """The vLLM environment's Python: `.vllm-venv` in the working directory or the repository."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        p = root / VLLM_VENV / "bin" / "python"
-        if p.is_file():
-            return p
+    """The vLLM environment's Python, or None when there is none."""
+    for venv in vllm_venvs():
+        if (venv / "bin" / "python").is_file():
+            return venv / "bin" / "python"
     return None
 
 
 def require_vllm_python() -> Path:
     python = vllm_python()
     if python is None:
-        raise TaxfreeError(f"evaluate.judge.serve: the vLLM environment ({VLLM_VENV}) does not exist: "
+        raise TaxfreeError(f"evaluate.judge.serve: the vLLM environment ({vllm_venvs()[0]}) does not exist: "
                            "run `make vllm-env` (or give evaluate.judge.endpoint instead)")
     return python
 
