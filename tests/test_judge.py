@@ -348,3 +348,50 @@ def test_endpoint_checks(tmp_path, monkeypatch):
     with pytest.raises(TaxfreeError, match=rf"judge endpoint http://127.0.0.1:{port}/v1: unreachable after 1 retries"):
         with JudgeSession(cfg, tmp_path / "ev"):
             pass
+
+
+def test_download_writes_the_upstream_layout_and_checks_hashes(tmp_path, monkeypatch, capsys):
+    """The download without the network: the upstream files served from fixtures (same bytes path)."""
+    import hashlib
+
+    import huggingface_hub
+
+    from taxfree.eval.judge import download as dl
+    from taxfree.eval.judge.data import check_data
+
+    src = write_judge_data(tmp_path / "upstream")
+    upstream = {"mt_bench/question.jsonl": src / "mt_bench/question.jsonl",
+                "judge_prompts.jsonl": src / "mt_bench/judge_prompts.jsonl",
+                "mt_bench/reference_answer/gpt-4.jsonl": src / "mt_bench/reference_answer/gpt-4.jsonl"}
+    fetched = []
+
+    def fetch(url, timeout=60.0):
+        fetched.append(url)
+        return upstream[url.removeprefix(dl.FASTCHAT_DATA)].read_bytes()
+
+    monkeypatch.setattr(dl, "_fetch", fetch)
+    monkeypatch.setattr(dl, "MT_BENCH_FILES", {name: (up, hashlib.sha256(upstream[up].read_bytes()).hexdigest())
+                                               for name, (up, _) in dl.MT_BENCH_FILES.items()})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, repo_type: str(src / "alpaca_eval" / "alpaca_eval.json")
+                        if (repo_id, filename, repo_type) == ("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json", "dataset")
+                        else None)
+    data = tmp_path / "data"
+    assert dl.main(["mt_bench", "--out", str(data / "mt_bench")]) == 0
+    assert dl.main(["alpaca_eval", "--out", str(data / "alpaca_eval")]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{data / 'mt_bench'}: 4 questions", f"{data / 'alpaca_eval'}: 6 instructions"]
+    assert all(url.startswith(f"https://raw.githubusercontent.com/lm-sys/FastChat/{dl.FASTCHAT_COMMIT}/") for url in fetched)
+    for name, (up, _) in dl.MT_BENCH_FILES.items():
+        assert (data / "mt_bench" / name).read_bytes() == upstream[up].read_bytes()
+    assert sorted(p.name for p in (data / "mt_bench").iterdir()) == ["judge_prompts.jsonl", "question.jsonl", "reference_answer"]
+    assert (data / "alpaca_eval" / "alpaca_eval.json").read_bytes() == (src / "alpaca_eval" / "alpaca_eval.json").read_bytes()
+    check_data(["mt_bench", "alpaca_eval"], data)  # the layout evaluate.judge.data_dir reads
+
+    # A finished download is not replaced without --force; a changed upstream file is refused.
+    assert dl.main(["mt_bench", "--out", str(data / "mt_bench")]) == 2
+    assert "output directory exists and is not empty (use --force" in capsys.readouterr().err
+    upstream["judge_prompts.jsonl"] = src / "mt_bench" / "question.jsonl"
+    assert dl.main(["mt_bench", "--out", str(data / "mt_bench"), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: https://raw.githubusercontent.com/") and "(a changed upstream file)" in err
+    assert (data / "mt_bench" / "judge_prompts.jsonl").read_bytes() == (src / "mt_bench/judge_prompts.jsonl").read_bytes()
