@@ -343,6 +343,12 @@ def test_endpoint_checks(tmp_path, monkeypatch):
         with pytest.raises(TaxfreeError, match=r"the API key was refused \(HTTP 401"):
             with JudgeSession(cfg, tmp_path / "ev"):
                 pass
+        # A model the endpoint does not serve: the first question stops the run (HTTP 404).
+        monkeypatch.setenv("TEST_JUDGE_KEY", "sekret")
+        cfg = JudgeConfig(endpoint=server.url, model="no-such-judge", api_key_env="TEST_JUDGE_KEY", data_dir=str(data),
+                          max_retries=0, timeout_s=2)
+        with JudgeSession(cfg, tmp_path / "ev") as session, pytest.raises(TaxfreeError, match=r"no model 'no-such-judge' there"):
+            session.client().ask([{"role": "user", "content": "{rate:5}"}])
     port = free_port()
     cfg = JudgeConfig(endpoint=f"http://127.0.0.1:{port}/v1", model="m", data_dir=str(data), max_retries=1, timeout_s=1)
     with pytest.raises(TaxfreeError, match=rf"judge endpoint http://127.0.0.1:{port}/v1: unreachable after 1 retries"):

@@ -131,6 +131,28 @@ def test_report_axis_needs_the_judge(tmp_path, tiny_experiment, capsys):
     assert _one_error_line(capsys, rc) == f"error: {path}: report.reward_axis: mt_bench needs evaluate.judge with mt_bench in its benchmarks"
 
 
+def test_model_key_has_what_judged_numbers_depend_on(tmp_path, monkeypatch):
+    """Where and how fast the judge is asked does not re-evaluate models; the judge model does."""
+    from types import SimpleNamespace
+
+    from taxfree.stages.evaluate import EvalModel, model_key
+
+    def key(**judge):
+        section = {**_judge_section(tmp_path, "http://127.0.0.1:1/v1"), **judge}
+        path = write_config(tmp_path, {"name": "k", "world": {"kind": "none"}, "models": {"sft": "org/m"},
+                                       "evaluate": {"judge": section}})
+        ctx = SimpleNamespace(cfg=load_config(path), inputs={"prompts": {"hash": "h"}})
+        m = EvalModel("sft", "sft", "org/m", {"run_id": "r"})
+        return model_key(m, ctx, m)
+
+    base = key()
+    assert key(endpoint="http://elsewhere:9/v1", max_concurrency=32, timeout_s=9.0, max_retries=7,
+               api_key_env="OTHER_KEY") == base
+    assert key(model="another-judge") != base
+    assert key(max_new_tokens=99) != base
+    assert key(benchmarks=["mt_bench"]) != base
+
+
 # -- kill and resume --------------------------------------------------------------------------
 
 def _taxfree(args, log: Path, env) -> subprocess.Popen:
