@@ -10,7 +10,10 @@ merge sweeps from them.
 Per model: greedy responses to the held-out prompts (`evaluate/<model-id>/responses.jsonl`),
 their mean reward-model score, the tiny world's gold reward, the PairRM win rate against the SFT
 model's responses (when `evaluate.pairrm` is set), and benchmarks through lm-eval (the tiny
-world's knowledge / arithmetic items as local tasks) and OpenCompass. Each model's result is
+world's knowledge / arithmetic items as local tasks) and OpenCompass, and with `evaluate.judge`
+MT-Bench and AlpacaEval 2.0 from an OpenAI-compatible judge (taxfree.eval.judge: one session per
+stage, checked before any model; its answers and judgements are cached in `evaluate/<model-id>/judge/`,
+which a re-evaluation keeps). Each model's result is
 cached in `evaluate/<model-id>/results.json` under a key of that model's own identity (its
 manifest's run_id) and the evaluation settings, so a new align variant or merge point costs one
 evaluation, not all of them. `evaluate/results.json` gathers the current models for the report.
