@@ -42,6 +42,7 @@ class JudgeServer:
         self.model, self.api_key, self.slow_s, self.delay_s = model, api_key, slow_s, delay_s
         self.requests: list[dict] = []  # every chat request: digest, messages, attempt, status
         self.attempts: Counter = Counter()
+        self.in_flight = self.max_in_flight = 0  # chat requests being answered at once
         self.lock = threading.Lock()
         server = self
 
@@ -94,6 +95,15 @@ class JudgeServer:
                 with server.lock:
                     server.attempts[key] += 1
                     attempt = server.attempts[key]
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._answer(body, messages, key, attempt)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body, messages, key, attempt):
                 status, text, headers, sleep = server.decide(messages, attempt)
                 with server.lock:  # recorded on arrival (a slow reply's client may have given up)
                     server.requests.append({"digest": key, "messages": messages, "attempt": attempt, "status": status,

@@ -331,6 +331,19 @@ def test_rejected_requests_fail_alone_and_a_dead_endpoint_stops(tmp_path, tiny_l
                                                                     if e["failure"] is None}
 
 
+def test_requests_in_flight_never_exceed_max_concurrency(tmp_path, tiny_lm, monkeypatch):
+    model, tok = tiny_lm
+    alpaca = [(f"Item {i}. {{win}}", f"REFERENCE: {i}") for i in range(8)]
+    with JudgeServer(api_key="sekret", delay_s=0.3) as server:
+        judge = _session(tmp_path, server, monkeypatch)
+        judge.cfg.max_concurrency, judge.cfg.benchmarks = 3, ["alpaca_eval"]
+        write_judge_data(tmp_path / "data", alpaca=alpaca)
+        with judge:
+            out = judge.score(model, tok, {"run_id": "m"}, tmp_path / "m")
+    assert out["alpaca_eval_wr"] == 100.0 and len(server.requests) == 8
+    assert server.max_in_flight == 3  # parallel, and never more than asked
+
+
 def test_endpoint_checks(tmp_path, monkeypatch):
     from taxfree.eval.judge.server import free_port
 

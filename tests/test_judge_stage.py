@@ -178,7 +178,7 @@ def test_killed_evaluate_resumes_without_repeating_judge_calls(tmp_path):
         done_digests = {e["prompt_sha256"] for e in done}
         answers_before = (root / "evaluate" / "sft" / "judge" / "answers.jsonl").read_text().splitlines()
         first_calls = len(server.requests)
-        assert 3 <= len(done) < 14  # 14 judgements in all
+        assert 3 <= len(done) < 8  # killed part-way through MT-Bench's 8 judgements (each stored when it finishes)
 
         proc = _taxfree(["run", path], tmp_path / "second.log", env)
         assert proc.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()
@@ -261,7 +261,7 @@ def test_report_shows_judge_columns_and_plots_the_judge_axis(tmp_path):
     md = render_markdown(report, "T")
     header = md.splitlines()[2]
     for col in ("MT-Bench (1-10)", "MT-Bench judged (failed)", "AlpacaEval 2.0 LC (%)", "AlpacaEval 2.0 WR (%)",
-                "AlpacaEval 2.0 WR judged (failed)"):
+                "AlpacaEval 2.0 judged (failed)"):
         assert f"| {col} |" in header or f" {col} |" in header, col
     assert "| `align/dpo-adamw` | 0.900 | 7.12 | 158 (2) | 50.2 | 55.0 | 805 (0) | 45.0 |" in md
     assert "MT-Bench: the mean of the judge's 1-10 ratings by `gpt-4`" in md

@@ -20,10 +20,12 @@ from taxfree.errors import TaxfreeError
 
 EVAL_RESULTS = Path("evaluate") / "results.json"
 KIND_LABELS = {"sft": "SFT", "align": "aligned", "merge": "merged", "ama": "AMA"}
-# Judge columns (taxfree.eval.judge): (header, result key, digits, judged-count key, failures key).
-JUDGE_COLUMNS = [("MT-Bench (1-10)", "mt_bench", 2, "mt_bench_judged", "mt_bench_failures"),
-                 ("AlpacaEval 2.0 LC (%)", "alpaca_eval_lc", 1, None, None),
-                 ("AlpacaEval 2.0 WR (%)", "alpaca_eval_wr", 1, "alpaca_eval_judged", "alpaca_eval_failures")]
+# Judge columns (taxfree.eval.judge): (header, result key, digits, then the header, judged-count and
+# failures keys of a "judged (failed)" column after it, or None).
+JUDGE_COLUMNS = [("MT-Bench (1-10)", "mt_bench", 2, ("MT-Bench judged (failed)", "mt_bench_judged", "mt_bench_failures")),
+                 ("AlpacaEval 2.0 LC (%)", "alpaca_eval_lc", 1, None),
+                 ("AlpacaEval 2.0 WR (%)", "alpaca_eval_wr", 1,
+                  ("AlpacaEval 2.0 judged (failed)", "alpaca_eval_judged", "alpaca_eval_failures"))]
 # The y axis of the Pareto plot (`report.reward_axis`): result key -> label.
 REWARD_AXES = {"reward": "reward-model score (mean)", "mt_bench": "MT-Bench score (1-10, judge)",
                "alpaca_eval_lc": "AlpacaEval 2.0 length-controlled win rate (%)",
@@ -99,12 +101,12 @@ def render_markdown(report: dict, title: str) -> str:
     for header, key, d in optional:
         if any(r.get(key) is not None for r in rows):
             cols.append((header, lambda r, key=key, d=d: _fmt(r.get(key), d)))
-    judged = [c for c in JUDGE_COLUMNS if any(r.get(c[1]) is not None or r.get(c[3] or c[1]) is not None for r in rows)]
-    for header, key, d, n_key, fail_key in judged:
+    judged = [c for c in JUDGE_COLUMNS if any(r.get(c[1]) is not None or (c[3] and r.get(c[3][1]) is not None)
+                                              for r in rows)]
+    for header, key, d, counts in judged:
         cols.append((header, lambda r, key=key, d=d: _fmt(r.get(key), d)))
-        if n_key is not None:
-            cols.append((f"{header.split(' (')[0]} judged (failed)",
-                         lambda r, n=n_key, f=fail_key: "–" if r.get(n) is None else f"{r[n]} ({r.get(f, 0)})"))
+        if counts is not None:
+            cols.append((counts[0], lambda r, n=counts[1], f=counts[2]: "–" if r.get(n) is None else f"{r[n]} ({r.get(f, 0)})"))
     for t in tasks:
         cols.append((f"{t} (%)", lambda r, t=t: _fmt(r["scores"].get(t), 1)))
     if tasks:

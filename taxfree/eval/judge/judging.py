@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from taxfree.eval.judge.client import JudgeClient, JudgeRejected
@@ -95,7 +95,7 @@ def run_jobs(jobs: list[Job], identity, client: JudgeClient, store: JsonlStore, 
         try:
             futures = {pool.submit(_judge_one, job, key, client, max_retries) for key, job in todo.items()}
             while futures and error is None:
-                done, futures = wait(futures, return_when=FIRST_EXCEPTION)
+                done, futures = wait(futures, return_when=FIRST_COMPLETED)  # each stored as it finishes
                 collect(done)
             if futures:  # stopped early: cancel what has not started, keep what finishes
                 pool.shutdown(wait=True, cancel_futures=True)
