@@ -11,7 +11,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib_reproduce.sh"
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then sed -n '2,8p' "$0"; exit 0; fi
 check_args "$@"
 check_presets ama_openllama_3b_hh
-ensure_data hh_rlhf
+ensure_data hh_rlhf mt_bench alpaca_eval  # the judge's data too (evaluate.judge)
 
 configs=()
 selected ama_openllama_3b_hh && { run_preset configs/experiments/ama_openllama_3b_hh.yaml configs/accelerate/zero2.yaml "$@"; configs+=(configs/experiments/ama_openllama_3b_hh.yaml); }

@@ -16,7 +16,7 @@ if [[ "${ALLOW_CODE_EXECUTION:-0}" != 1 ]]; then
   die "the online merging benchmarks (HumanEval, MBPP, DS-1000) execute model-written code: run in a sandbox and set ALLOW_CODE_EXECUTION=1"
 fi
 check_presets online_merging_qwen1.5_1.8b online_merging_qwen1.5_7b online_merging_llama3_8b
-ensure_data ultrafeedback_binarized
+ensure_data ultrafeedback_binarized mt_bench alpaca_eval  # the judge's data too (evaluate.judge)
 
 configs=()
 # preset                                                     training stages under

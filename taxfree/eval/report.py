@@ -1,7 +1,8 @@
 """Reward against alignment tax: the tax arithmetic, the results table and the Pareto plot.
 
 Input is the evaluate stage's `evaluate/results.json` (one row per model with its mean reward,
-gold reward, PairRM win rate and benchmark scores in percent). The alignment tax of a model is
+gold reward, PairRM win rate, benchmark scores in percent and, with `evaluate.judge`, MT-Bench and
+AlpacaEval 2.0). The alignment tax of a model is
 the SFT model's score minus its own, per benchmark and on the benchmark average, in percentage
 points: positive = the model lost ability, negative = it gained. Output is `report.md`,
 `results.json` (every number) and `pareto.png`, written atomically into the run directory.
@@ -19,6 +20,16 @@ from taxfree.errors import TaxfreeError
 
 EVAL_RESULTS = Path("evaluate") / "results.json"
 KIND_LABELS = {"sft": "SFT", "align": "aligned", "merge": "merged", "ama": "AMA"}
+# Judge columns (taxfree.eval.judge): (header, result key, digits, then the header, judged-count and
+# failures keys of a "judged (failed)" column after it, or None).
+JUDGE_COLUMNS = [("MT-Bench (1-10)", "mt_bench", 2, ("MT-Bench judged (failed)", "mt_bench_judged", "mt_bench_failures")),
+                 ("AlpacaEval 2.0 LC (%)", "alpaca_eval_lc", 1, None),
+                 ("AlpacaEval 2.0 WR (%)", "alpaca_eval_wr", 1,
+                  ("AlpacaEval 2.0 judged (failed)", "alpaca_eval_judged", "alpaca_eval_failures"))]
+# The y axis of the Pareto plot (`report.reward_axis`): result key -> label.
+REWARD_AXES = {"reward": "reward-model score (mean)", "mt_bench": "MT-Bench score (1-10, judge)",
+               "alpaca_eval_lc": "AlpacaEval 2.0 length-controlled win rate (%)",
+               "alpaca_eval_wr": "AlpacaEval 2.0 win rate (%)"}
 
 
 def benchmark_average(scores: dict[str, float]) -> float | None:
@@ -90,6 +101,12 @@ def render_markdown(report: dict, title: str) -> str:
     for header, key, d in optional:
         if any(r.get(key) is not None for r in rows):
             cols.append((header, lambda r, key=key, d=d: _fmt(r.get(key), d)))
+    judged = [c for c in JUDGE_COLUMNS if any(r.get(c[1]) is not None or (c[3] and r.get(c[3][1]) is not None)
+                                              for r in rows)]
+    for header, key, d, counts in judged:
+        cols.append((header, lambda r, key=key, d=d: _fmt(r.get(key), d)))
+        if counts is not None:
+            cols.append((counts[0], lambda r, n=counts[1], f=counts[2]: "–" if r.get(n) is None else f"{r[n]} ({r.get(f, 0)})"))
     for t in tasks:
         cols.append((f"{t} (%)", lambda r, t=t: _fmt(r["scores"].get(t), 1)))
     if tasks:
@@ -114,6 +131,17 @@ def render_markdown(report: dict, title: str) -> str:
                      "to the SFT model's; ties count half (the SFT model itself scores 0.5).")
     else:
         lines.append("- PairRM win rate: not measured (set `evaluate.pairrm` to a PairRM-hf model).")
+    judges = sorted({str((r.get("judge") or {}).get("model")) for r in rows if r.get("judge")})
+    by = f" by `{', '.join(judges)}`" if judges else ""
+    if any(c[1] == "mt_bench" for c in judged):
+        lines.append(f"- MT-Bench: the mean of the judge's 1-10 ratings{by} of both turns' answers to its two-turn "
+                     "questions (FastChat's single-answer prompts, reference-guided for math, reasoning, coding); "
+                     "judged = turns rated, failed = replies without a readable rating (left out of the mean; "
+                     "per category in results.json).")
+    if any(c[1].startswith("alpaca_eval") for c in judged):
+        lines.append(f"- AlpacaEval 2.0: win rate (WR) against the reference outputs{by} (pairwise prompt, order "
+                     "randomised per item, ties half), and the length-controlled win rate (LC: a logistic GLM's "
+                     "win rate at equal length); judged = instructions with a readable verdict, failed = without.")
     if tasks:
         metrics = ", ".join(f"{b['task']}: {b.get('metric', '?')}" for b in report.get("benchmarks", []))
         lines.append(f"- benchmarks in percent ({metrics}); average = unweighted mean.")
@@ -131,8 +159,11 @@ def _variant_of(row: dict) -> str | None:
     return row.get("aligned")
 
 
-def plot_pareto(report: dict, title: str, dpi: int = 150) -> bytes | None:
+def plot_pareto(report: dict, title: str, dpi: int = 150, reward_axis: str = "reward") -> bytes | None:
     """PNG bytes of reward (y) against benchmark average (x); None when there are no benchmarks.
+
+    `reward_axis` picks the y axis: the reward model's score, or a judge metric (mt_bench,
+    alpaca_eval_lc, alpaca_eval_wr: report.reward_axis).
 
     Each align variant has a colour: its merge sweep is a line from the SFT model (aligned
     weight 0) through the merge points to the aligned model (weight 1); AMA is a diamond.
@@ -143,10 +174,12 @@ def plot_pareto(report: dict, title: str, dpi: int = 150) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["models"] if r.get("benchmark_average") is not None]
-    if not rows or not any(r.get("reward") is not None for r in rows):
+    if reward_axis not in REWARD_AXES:
+        raise TaxfreeError(f"report: reward_axis {reward_axis!r} is not one of {', '.join(REWARD_AXES)}")
+    rows = [r for r in report["models"] if r.get("benchmark_average") is not None and r.get(reward_axis) is not None]
+    if not any(r["id"] == report["baseline"] for r in rows):  # the SFT point anchors every sweep
         return None
-    panels = [("reward", "reward-model score (mean)")]
+    panels = [(reward_axis, REWARD_AXES[reward_axis])]
     if all(r.get("gold_reward") is not None for r in rows):
         panels.append(("gold_reward", "gold reward (mean, tiny world)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 5.0), squeeze=False)
@@ -203,13 +236,13 @@ def plot_pareto(report: dict, title: str, dpi: int = 150) -> bytes | None:
     return buf.getvalue()
 
 
-def write_report(run_dir: str | Path, title: str | None = None, dpi: int = 150) -> dict:
+def write_report(run_dir: str | Path, title: str | None = None, dpi: int = 150, reward_axis: str = "reward") -> dict:
     """Write report.md, results.json and pareto.png into `run_dir`; returns their paths."""
     run_dir = Path(run_dir)
     report = build_report(read_eval_results(run_dir))
     title = title or f"{report.get('experiment') or run_dir.name}: reward vs alignment tax"
     paths = {"report": run_dir / "report.md", "results": run_dir / "results.json"}
-    png = plot_pareto(report, title, dpi)
+    png = plot_pareto(report, title, dpi, reward_axis)
     md = render_markdown(report, title)
     if png is not None:
         paths["pareto"] = run_dir / "pareto.png"
@@ -217,7 +250,7 @@ def write_report(run_dir: str | Path, title: str | None = None, dpi: int = 150) 
         md += "\n![reward vs alignment tax](pareto.png)\n"
     else:
         (run_dir / "pareto.png").unlink(missing_ok=True)
-        md += "\nNo Pareto plot: it needs benchmark scores and rewards.\n"
+        md += f"\nNo Pareto plot: it needs benchmark scores and a {reward_axis} for the models.\n"
     atomic_write_json(paths["results"], report)
     atomic_write_text(paths["report"], md)
     return paths

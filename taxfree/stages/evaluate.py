@@ -10,7 +10,10 @@ merge sweeps from them.
 Per model: greedy responses to the held-out prompts (`evaluate/<model-id>/responses.jsonl`),
 their mean reward-model score, the tiny world's gold reward, the PairRM win rate against the SFT
 model's responses (when `evaluate.pairrm` is set), and benchmarks through lm-eval (the tiny
-world's knowledge / arithmetic items as local tasks) and OpenCompass. Each model's result is
+world's knowledge / arithmetic items as local tasks) and OpenCompass, and with `evaluate.judge`
+MT-Bench and AlpacaEval 2.0 from an OpenAI-compatible judge (taxfree.eval.judge: one session per
+stage, checked before any model; its answers and judgements are cached in `evaluate/<model-id>/judge/`,
+which a re-evaluation keeps). Each model's result is
 cached in `evaluate/<model-id>/results.json` under a key of that model's own identity (its
 manifest's run_id) and the evaluation settings, so a new align variant or merge point costs one
 evaluation, not all of them. `evaluate/results.json` gathers the current models for the report.
@@ -30,6 +33,7 @@ from taxfree.atomic import atomic_write_json
 from taxfree.data.records import read_jsonl, write_jsonl
 from taxfree.data.tiny_world import gold_reward, world_files
 from taxfree.errors import TaxfreeError, nearest
+from taxfree.eval.judge.config import JudgeConfig
 from taxfree.eval.suites import SUITES, BenchmarkTask, task_score
 from taxfree.pipeline import manifest as mf
 from taxfree.console import log
@@ -98,6 +102,7 @@ class EvaluateStageConfig:
     opencompass_data_dir: str | None = None
     # HumanEval / MBPP run model-written code: only in a sandbox, and only when asked.
     allow_code_execution: bool = False
+    judge: JudgeConfig | None = None  # MT-Bench / AlpacaEval 2.0 through a judge (taxfree.eval.judge); null = off
 
     def check(self):
         require(self.models is None or len(self.models) >= 1, "models", "list at least one model (or null for all)")
@@ -155,6 +160,10 @@ def inputs(cfg) -> dict:
         out[f"task:{t.name}"] = (None, t.data)
         if t.fewshot is not None:
             out[f"task:{t.name}:fewshot"] = (None, t.fewshot)
+    if cfg.evaluate.judge is not None:  # MT-Bench / AlpacaEval data files
+        from taxfree.eval.judge import judge_inputs
+
+        out.update(judge_inputs(cfg.evaluate.judge))
     return out
 
 
@@ -168,6 +177,10 @@ def preflight(cfg) -> None:
             raise TaxfreeError(f"{cfg.source}: evaluate.models: {mid!r} is not a model id of a run "
                                "(sft, align/<variant>, merge/<point>, ama/<variant>)")
     benchmark_tasks(cfg)
+    if cfg.evaluate.judge is not None:  # variables, data files, serve setup: before any stage runs
+        from taxfree.eval.judge import preflight as judge_preflight
+
+        judge_preflight(cfg.evaluate.judge, cfg.source)
 
 
 def finished_model_stages(cfg) -> list[str]:
@@ -309,6 +322,7 @@ class _Shared:
             records = records[: self.sec.max_prompts]
         self.prompts = [r["prompt"] for r in records]
         self._rm = self._pairrm = self._include = None
+        self.judge = None  # a taxfree.eval.judge.JudgeSession when evaluate.judge is set
 
     def reward_model(self):
         if self._rm is None:
@@ -393,7 +407,7 @@ def evaluate_model(m: EvalModel, shared: _Shared, mdir: Path, sft_responses: lis
     lm_tasks = [t for t in shared.tasks if t.runner == "lm_eval"]
     oc_tasks = [t for t in shared.tasks if t.runner == "opencompass"]
     steps = ["generate", "reward"] + (["pairrm"] if sec.pairrm else []) + (["benchmarks"] if lm_tasks else []) \
-        + (["opencompass"] if oc_tasks else [])
+        + (["opencompass"] if oc_tasks else []) + (["judge"] if shared.judge is not None else [])
     bar = tqdm(total=len(steps), desc=f"evaluate {m.id}", unit="step")
 
     def step(name):
@@ -441,6 +455,10 @@ def evaluate_model(m: EvalModel, shared: _Shared, mdir: Path, sft_responses: lis
         step("opencompass")
         results.update(_run_opencompass(m, oc_tasks, shared, mdir))
         bar.update()
+    if shared.judge is not None:
+        step("judge")
+        row.update(shared.judge.score(model, tokenizer, m.identity, mdir))
+        bar.update()
     bar.close()
     row["benchmarks"] = results
     counted = [counted_metric(t, results) for t in shared.tasks]
@@ -458,10 +476,25 @@ def model_key(m: EvalModel, ctx, baseline: EvalModel) -> str:
     shared = {k: v for k, v in ctx.inputs.items() if k not in ("sft", *model_stages())}
     settings = section(ctx.cfg)
     settings["evaluate"] = {k: v for k, v in settings["evaluate"].items() if k != "models"}
+    if ctx.cfg.evaluate.judge is not None:  # not the endpoint or concurrency: what the judged numbers depend on
+        settings["evaluate"]["judge"] = ctx.cfg.evaluate.judge.result_settings()
     key = {"model": m.identity, "shared": shared, "settings": settings}
     if ctx.cfg.evaluate.pairrm is not None:
         key["baseline"] = baseline.identity  # win rates are against the SFT model's responses
     return mf.hash_obj(key)
+
+
+def _clear_model_dir(mdir: Path) -> None:
+    """Empty a model's directory for a new evaluation, keeping the judge's cache (judge/): its
+    answers and judgements are keyed by what they depend on, so they stay valid."""
+    from taxfree.eval.judge import JUDGE_DIR
+
+    if mdir.exists():
+        for p in mdir.iterdir():
+            if p.name == JUDGE_DIR and p.is_dir():
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    mdir.mkdir(parents=True, exist_ok=True)
 
 
 def _remove_stale(ctx, current: set[str]) -> None:
@@ -479,6 +512,15 @@ def _remove_stale(ctx, current: set[str]) -> None:
 
 
 def run(ctx) -> dict:
+    from taxfree.eval.judge import open_judge
+
+    cfg = ctx.cfg
+    with open_judge(cfg.evaluate.judge, ctx.dir, source=cfg.source, batch_size=cfg.evaluate.batch_size,
+                    seed=cfg.seed) as judge:  # a remote judge is checked here, before any model
+        return _run(ctx, judge)
+
+
+def _run(ctx, judge) -> dict:
     from taxfree.eval.report import build_report
 
     cfg = ctx.cfg
@@ -488,6 +530,7 @@ def run(ctx) -> dict:
     tasks = benchmark_tasks(cfg)
     models = run_models(cfg, ctx.inputs)
     shared = _Shared(ctx, tasks)
+    shared.judge = judge
     rows, evaluated = [], []
     sft_responses = None
     for m in models:
@@ -503,9 +546,7 @@ def run(ctx) -> dict:
             log(f"evaluate/{m.id}: up to date")
             row = cached["result"]
         else:
-            if mdir.exists():
-                shutil.rmtree(mdir)
-            mdir.mkdir(parents=True)
+            _clear_model_dir(mdir)
             log(f"evaluate/{m.id}: evaluating {m.path}")
             row = evaluate_model(m, shared, mdir, sft_responses)
             atomic_write_json(mdir / "results.json", {"key": key, "model_id": m.id, "result": row})
@@ -532,7 +573,8 @@ def run(ctx) -> dict:
     report = build_report(results)
     metrics: dict = {"models": len(rows), "evaluated": len(evaluated)}
     for r in report["models"]:
-        for k in ("reward", "gold_reward", "pairrm_win_rate", "benchmark_average", "tax_average"):
+        for k in ("reward", "gold_reward", "pairrm_win_rate", "benchmark_average", "tax_average", "mt_bench",
+                  "alpaca_eval_lc", "alpaca_eval_wr"):
             if isinstance(r.get(k), (int, float)):
                 metrics[f"{r['id']}/{k}"] = r[k]
     return metrics
