@@ -559,6 +559,7 @@ def _run(ctx, judge) -> dict:
     sec = cfg.evaluate
     results = {
         "experiment": cfg.name,
+        "seed": cfg.seed,
         "baseline": "sft",
         "reward_model": reward_model_source(cfg)[1],
         "pairrm": sec.pairrm,

@@ -52,7 +52,8 @@ def section(cfg) -> dict:
 
 def run(ctx) -> dict:
     cfg = ctx.cfg
-    paths = write_report(cfg.root, title=cfg.report.title, dpi=cfg.report.dpi, reward_axis=cfg.report.reward_axis)
+    paths = write_report(cfg.root, title=cfg.report.title, dpi=cfg.report.dpi, reward_axis=cfg.report.reward_axis,
+                         seeds=cfg.seeds)
     return {"files": len(paths), **{k: str(v) for k, v in paths.items()}}
 
 
