@@ -50,6 +50,12 @@ def test_shared_stages_run_once_and_per_seed_stages_differ(tmp_path):
         assert read_manifest(root / f"seed{k}" / "align" / "dpo-adamw")["run_id"] == per[k]["run_id"]
     assert read_manifest(root / "seed2" / "align" / "dpo-adamw") is not None
 
+    # --force with one seed re-runs that seed's stage alone.
+    Runner(load_config(path, ["seeds=[1]"]), force=True).run(["align"])
+    assert read_manifest(root / "seed1" / "align" / "dpo-adamw")["run_id"] != per[1]["run_id"]
+    assert read_manifest(root / "seed0" / "align" / "dpo-adamw")["run_id"] == per[0]["run_id"]
+    assert read_manifest(root / "sft")["run_id"] == shared["sft"]["run_id"]
+
 
 def test_seed_settings_are_checked(tmp_path):
     for override, message in (("seeds=[]", "seeds: list at least one seed"), ("seeds=[1, 1]", "a seed is listed twice"),
