@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGE_ORDER)}")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if finished")
     _add_seeds_arg(p)
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="with seeds: run N seeds side by side, each in a process of its own (default 1)")
 
     for declared in all_stages():
         if declared.name in _OWN_COMMANDS:
@@ -192,7 +194,10 @@ def _main(argv: list[str]) -> int:
 
     from taxfree.pipeline.runner import Runner
 
-    runner = Runner(cfg, force=args.force, argv=["taxfree", *argv])
+    jobs = getattr(args, "jobs", 1)
+    if jobs < 1:
+        raise TaxfreeError(f"--jobs {jobs}: must be >= 1")
+    runner = Runner(cfg, force=args.force, argv=["taxfree", *argv], jobs=jobs)
     if args.command == "run":
         stages = _parse_stages(args.stages)
         runner.run(stages)

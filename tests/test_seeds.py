@@ -74,3 +74,30 @@ def test_stage_directories_per_seed(tmp_path):
     assert three.stage_dir("report") == root / "report"  # gathers the seeds
     plain = load_config(experiment(tmp_path))
     assert plain.stage_dir("align") == root / "align" and not plain.per_seed("align")
+
+
+@pytest.mark.slow
+def test_seeds_in_processes_of_their_own_equal_one_process(tmp_path):
+    """`--jobs 2`: each seed runs in its own `taxfree run --seeds K` process; the result is the
+    sequential run's, bitwise (CPU), and each seed's log is kept."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    path_a, path_b = experiment(a), experiment(b)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "taxfree", "run", str(path_a), "--stages", ",".join(STAGES),
+                        "--seeds", "0,1", "--jobs", "2"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "seed 0: running align in a process of its own" in r.stderr and "seed 1: done" in r.stderr
+    Runner(load_config(path_b, ["seeds=[0, 1]"])).run(STAGES)
+    for k in (0, 1):
+        va, vb = (d / "runs" / "t" / f"seed{k}" / "align" / "dpo-adamw" for d in (a, b))
+        wa, wb = load_file(va / "model" / "model.safetensors"), load_file(vb / "model" / "model.safetensors")
+        assert all(torch.equal(wa[n], wb[n]) for n in wa)
+        assert read_manifest(va)["metrics"]["train_loss"] == read_manifest(vb)["metrics"]["train_loss"]
+        assert "align/dpo-adamw: done" in (a / "runs" / "t" / f"seed{k}" / "run.log").read_text()

@@ -151,6 +151,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None):
     cfg = build_dataclass(experiment_class(), data, "", source)
     cfg.source = source
     cfg.base_dir = str(p.resolve().parent)
+    cfg.overrides = list(overrides or [])
     _check_run(cfg)
     for s in all_stages():
         if s.check is not None:

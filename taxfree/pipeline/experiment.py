@@ -69,6 +69,7 @@ class ExperimentBase:
     source: str = field(default="<config>", repr=False, init=False)
     base_dir: str = field(default=".", repr=False, init=False)
     seed_dir: str | None = field(default=None, repr=False, init=False)
+    overrides: list[str] = field(default_factory=list, repr=False, init=False)  # the --set ones, in order
 
     @property
     def root(self) -> Path:
@@ -87,7 +88,7 @@ class ExperimentBase:
     def for_seed(self, seed: int):
         """This config for one seed: `seed` set, per-seed stages under runs/<name>/seed<k>/."""
         copy = dataclasses.replace(self)
-        copy.source, copy.base_dir = self.source, self.base_dir
+        copy.source, copy.base_dir, copy.overrides = self.source, self.base_dir, list(self.overrides)
         copy.seed, copy.seed_dir = seed, str(self.root / f"seed{seed}")
         return copy
 
@@ -105,7 +106,7 @@ class ExperimentBase:
 
     def to_dict(self) -> dict:
         d = to_dict(self)
-        for key in ("source", "base_dir", "seed_dir"):
+        for key in ("source", "base_dir", "seed_dir", "overrides"):
             d.pop(key, None)
         return d
 

@@ -38,10 +38,11 @@ class Runner:
     ones), every later stage once per seed in `<run>/seed<k>/`, and the stages that gather
     seeds (`Stage.across_seeds`: report) once after all of them."""
 
-    def __init__(self, cfg, force: bool = False, argv: list[str] | None = None):
+    def __init__(self, cfg, force: bool = False, argv: list[str] | None = None, jobs: int = 1):
         self.cfg = cfg
         self.force = force
         self.argv = argv or sys.argv
+        self.jobs = jobs  # seeds run side by side, each in a process of its own (`--jobs`)
         self._fresh: dict[str, str] = {}  # stage directory -> run id of what ran in this call
 
     def _cfg_for(self, cfg, name: str):
@@ -114,17 +115,61 @@ class Runner:
                     for name in planned:
                         if not self.cfg.per_seed(name) and name not in gather:
                             results[name] = self.run_stage(name, planned)
-                    for k in seeds:
-                        cfg = self.cfg.for_seed(k)
-                        log(f"seed {k}: {cfg.seed_dir}")
-                        for name in planned:
-                            if cfg.per_seed(name):
+                    per_seed = [s for s in planned if self.cfg.per_seed(s)]
+                    if self.jobs > 1 and len(seeds) > 1 and per_seed:
+                        results.update(self._run_seed_processes(per_seed))
+                    else:
+                        for k in seeds:
+                            cfg = self.cfg.for_seed(k)
+                            log(f"seed {k}: {cfg.seed_dir}")
+                            for name in per_seed:
                                 results[f"seed{k}/{name}"] = self.run_stage(name, planned, cfg)
                     for name in gather:
                         results[name] = self.run_stage(name, planned)
         except TaxfreeError:
             remove_if_empty(created)  # a first run that failed leaves no empty runs/<name>/ behind
             raise
+        return results
+
+    def _run_seed_processes(self, stages: list[str]) -> dict[str, dict]:
+        """Each seed's stages in a `taxfree run --seeds K` process of its own, `self.jobs` at a
+        time (the shared stages have finished, so every process finds them up to date); each
+        process's log goes to `seed<k>/run.log`. A seed that fails is one error naming its log."""
+        import subprocess
+
+        if ranks().world > 1:
+            raise TaxfreeError("--jobs runs seeds in processes of their own; under a multi-process launch "
+                               "(accelerate, torchrun, mpirun) leave it at 1")
+        cfg = self.cfg
+        base = [sys.executable, "-m", "taxfree", "run", cfg.source, "--stages", ",".join(stages)]
+        base += [a for o in cfg.overrides for a in ("--set", o)] + (["--force"] if self.force else [])
+        pending, running, results = list(cfg.seeds), [], {}
+        while pending or running:
+            while pending and len(running) < self.jobs:
+                k = pending.pop(0)
+                log_path = cfg.for_seed(k).stage_dir(stages[0]).parent / "run.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(log_path, "wb")
+                log(f"seed {k}: running {', '.join(stages)} in a process of its own (log: {log_path})")
+                running.append((k, subprocess.Popen([*base, "--seeds", str(k)], stdout=handle, stderr=handle), handle, log_path))
+            for item in list(running):
+                k, proc, handle, log_path = item
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                running.remove(item)
+                if proc.returncode != 0:
+                    for _, other, h, _ in running:
+                        other.kill()
+                        other.wait()
+                        h.close()
+                    tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("error:")]
+                    raise TaxfreeError(f"seed {k} failed (exit {proc.returncode}): "
+                                       f"{tail[-1].removeprefix('error: ') if tail else 'see ' + str(log_path)}")
+                log(f"seed {k}: done")
+                for name in stages:
+                    results[f"seed{k}/{name}"] = mf.read_manifest(cfg.for_seed(k).stage_dir(name))
+            time.sleep(0.2)
         return results
 
     def run_stage(self, name: str, planned: list[str], cfg=None) -> dict:
