@@ -16,7 +16,7 @@ quantities across ranks (taxfree.optim.sharded).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -168,6 +168,7 @@ class OnlineMergingAdamW(Optimizer):
         self._tau_requested = False  # init_ref_param_diff was called (eagerly or deferred)
         self._layouts: dict[Tensor, FlatLayout] = {}
         self._fsdp1: dict[int, FlatLayout] = {}  # id(group) -> its FSDP1 pieces (bind_fsdp1)
+        self._fsdp2: dict[int, tuple] = {}  # id(group) -> (ids of its DTensors, their layout or None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's, plus a record of the group's own tensors: DeepSpeed later swaps them for flat
@@ -432,18 +433,18 @@ class OnlineMergingAdamW(Optimizer):
         for gi, group in enumerate(self.param_groups):
             buckets: dict[Any, list[tuple[int, Tensor]]] = {}
             layouts: dict[Any, FlatLayout] = {}
-            fsdp1 = self._fsdp1.get(id(group))
+            pieces, fsdp1 = self._piece_layout(gi, group)
             for pi, p in enumerate(group["params"]):
-                if fsdp1 is not None and local(p).numel() == 0:
-                    continue  # an FSDP1 piece held by other ranks
+                if pieces is not None and local(p).numel() == 0:
+                    continue  # a piece held by other ranks
                 if p.grad is None:
-                    if fsdp1 is not None:
+                    if fsdp1:
                         raise TaxfreeError(f"{type(self).__name__} under FSDP1: parameter {self._describe(gi, pi)} "
                                            "has no gradient (frozen parameters need a param group of their own)")
                     continue
                 if p.grad.is_sparse:
                     raise TaxfreeError(f"{type(self).__name__} does not support sparse gradients")
-                layout = fsdp1 if fsdp1 is not None else self.flat_layout(group, p)
+                layout = pieces if pieces is not None else self.flat_layout(group, p)
                 if layout is None and id(p) not in self._original_ids:
                     self._adopt_replacement(group, pi, p)
                 state = self.state[p]
@@ -465,16 +466,23 @@ class OnlineMergingAdamW(Optimizer):
                     state["cached_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 lp = local(p)
                 key: Any = (lp.device, lp.dtype)
-                if fsdp1 is not None:  # every piece of the group in one bucket, its reductions shared
-                    key = ("fsdp1", id(group))
+                if pieces is not None:  # every piece of the group in one bucket, its reductions shared
+                    key = ("pieces", id(group))
                     layouts[key] = layout
                 elif layout is not None:  # a partition steps alone: its reductions are per partition
                     key = ("partition", id(p))
                     layouts[key] = layout
                 buckets.setdefault(key, []).append((pi, p))
-            if fsdp1 is not None and not buckets:  # no piece here: still take part in the reductions
-                buckets[("fsdp1", id(group))] = []
-                layouts[("fsdp1", id(group))] = fsdp1
+            if pieces is not None:
+                if not buckets:  # no piece here: still take part in the reductions
+                    buckets[("pieces", id(group))] = []
+                    layouts[("pieces", id(group))] = pieces
+                if not fsdp1:  # FSDP2: tensors without a gradient (on every rank) sit this step out
+                    stepped = [p.grad is not None for p in group["params"]]
+                    if not all(stepped):
+                        layouts[("pieces", id(group))] = replace(
+                            pieces, shared=[s and g for s, g in zip(pieces.shared, stepped)]
+                        )
             if not buckets:
                 continue
             group["group_step"] += 1
@@ -488,6 +496,30 @@ class OnlineMergingAdamW(Optimizer):
                 generator = self._generator(device).manual_seed(seed)
                 self._step_bucket(group, [p for _, p in members], generator, layout)
         return loss
+
+    def _piece_layout(self, group_index: int, group: dict) -> tuple[FlatLayout | None, bool]:
+        """(layout, is FSDP1) when the group's parameters are pieces of tensors spread over ranks:
+        FSDP1 pieces (`bind_fsdp1`) or FSDP2 DTensors (found here, once per set of parameters);
+        (None, False) otherwise."""
+        layout = self._fsdp1.get(id(group))
+        if layout is not None:
+            return layout, True
+        from torch.distributed.tensor import DTensor
+
+        params = group["params"]
+        if not params or not isinstance(params[0], DTensor):
+            return None, False
+        for pi, p in enumerate(params):  # accelerate's FSDP2 switch, before the layout is read
+            if id(p) not in self._original_ids:
+                self._adopt_replacement(group, pi, p)
+        key = tuple(id(p) for p in params)
+        cached = self._fsdp2.get(id(group))
+        if cached is None or cached[0] != key:
+            from taxfree.optim.fsdp2 import dtensor_layout
+
+            cached = (key, dtensor_layout(self, group, group_index))
+            self._fsdp2[id(group)] = cached
+        return cached[1], False
 
     def _adopt_replacement(self, group: dict, index: int, p: Tensor) -> None:
         """accelerate's FSDP2 preparation puts a sharded DTensor copy of each tensor in its place

@@ -5,9 +5,10 @@ concatenation of this rank's pieces of the model's tensors. The online merging r
 original tensor (OnDARE's L1 rescale, OnTIES's top-k and its rescale), so a `FlatLayout` says which
 entries of the flat tensor belong to which tensor, and where a tensor's entries are spread over
 ranks the per-tensor quantities are combined across them: L1 sums by an all-reduce, the top-k
-threshold by an exact radix select whose histograms are all-reduced (four rounds of 256 counts).
-Both give the values an unsharded run computes (sums up to fp64 summation order; the threshold
-bit for bit), so the kept entries are the same.
+threshold by an exact radix select whose histograms are all-reduced (four rounds of 256 counts),
+and the entries tied with it by one more all-reduce of per-rank tie counts (ties go by lowest
+flat position in the whole tensor). Both give what an unsharded run computes (sums up to fp64
+summation order; the kept entries exactly), so the kept entries are the same.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from taxfree.optim.sparsify import keep_above_and_ties
 
 
 @dataclass(frozen=True)
@@ -131,3 +134,45 @@ def kth_largest(
         candidates = [c[d == b] for c, d, b in zip(candidates, digits, chosen)]
     thresholds = prefix.to(torch.int32).view(torch.float32)
     return {t: thresholds[i] for i, t in enumerate(order)}
+
+
+def take_top_k_across_ranks(
+    layout: FlatLayout, ks: dict[int, int], values: dict[int, Tensor], offsets: dict[int, int]
+) -> dict[int, Tensor]:
+    """Exactly k entries of each tensor over all ranks, as `sparsify.take_top_k` picks them in
+    the unsharded tensor: every entry above the k-th largest, then the entries equal to it by
+    lowest flat position in the whole tensor.
+
+    ks, values: as `kth_largest`; offsets: {tensor: flat position in the whole tensor of this
+    rank's first entry in `values[tensor]`} (pieces are contiguous ranges). Returns this rank's
+    kept positions within values[tensor] (ascending) for every tensor it holds entries of. After
+    the radix select, one all-reduce shares per tensor the count above the threshold and each
+    rank's count of ties and offset, so each rank knows how many ties lie before its piece.
+    """
+    thresholds = kth_largest(layout, ks, values)
+    order = sorted(ks)
+    if not order:
+        return {}
+    world, rank = layout.world, layout.rank
+    counts = torch.zeros(len(order), 1 + 2 * world, dtype=torch.int64, device=layout.device)
+    for i, t in enumerate(order):
+        v = values.get(t)
+        if v is None or v.numel() == 0:
+            continue
+        threshold = thresholds[t].to(v.dtype)
+        counts[i, 0] = (v > threshold).sum()
+        counts[i, 1 + rank] = (v == threshold).sum()
+        counts[i, 1 + world + rank] = offsets[t]
+    _all_reduce(counts, layout.process_group)
+    counts = counts.cpu()
+    out = {}
+    for i, t in enumerate(order):
+        v = values.get(t)
+        if v is None or v.numel() == 0:
+            continue
+        row = counts[i].tolist()
+        ties, starts = row[1 : 1 + world], row[1 + world :]
+        before = sum(n for r, n in enumerate(ties) if r != rank and n and starts[r] < offsets[t])
+        quota = max(0, min(ties[rank], ks[t] - row[0] - before))
+        out[t] = keep_above_and_ties(v, thresholds[t].to(v.dtype), quota)
+    return out

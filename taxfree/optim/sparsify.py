@@ -67,6 +67,34 @@ def bernoulli_positions(
     return positions[:count]
 
 
+def take_top_k(values: Tensor, k: int) -> Tensor:
+    """Positions (ascending) of exactly k entries of a flat non-negative tensor: every entry above
+    the k-th largest value, then the entries equal to it from the lowest position up.
+
+    The tie rule is what makes "top k" exactly k: at Adam's first step |D| = lr*|g|/(|g|+eps) is
+    nearly constant, and "keep everything >= the k-th largest" kept up to 9x k entries.
+    """
+    n = values.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k={k} outside [0, {n}]")
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=values.device)
+    if k == n:
+        return torch.arange(n, device=values.device)
+    threshold = torch.kthvalue(values, n - k + 1).values
+    return keep_above_and_ties(values, threshold, k - int((values > threshold).sum().item()))
+
+
+def keep_above_and_ties(values: Tensor, threshold: Tensor, ties: int) -> Tensor:
+    """Positions (ascending) of the entries above `threshold` plus the first `ties` entries equal
+    to it (the lowest positions)."""
+    keep = values > threshold
+    if ties > 0:
+        equal = torch.nonzero(values == threshold).squeeze(1)[:ties]
+        keep.index_fill_(0, equal, True)
+    return torch.nonzero(keep).squeeze(1)
+
+
 @functools.lru_cache(maxsize=64)
 def _sample_index(n: int, size: int, device: torch.device) -> Tensor:
     """Fixed pseudo-random sample positions per tensor size (drawn once, not every step)."""
@@ -74,31 +102,44 @@ def _sample_index(n: int, size: int, device: torch.device) -> Tensor:
     return torch.randint(n, (size,), generator=generator, device=device)
 
 
-def topk_positions(magnitude: Tensor, k: int, sample_size: int = 65536) -> tuple[Tensor, Tensor]:
-    """Flat positions of the k largest entries of a flat non-negative tensor, and the threshold.
+def sample_size_for(n: int, sample_size: int = 65536) -> int:
+    """Entries sampled to bound the top-k threshold of n entries (0: select on all of them)."""
+    size = min(sample_size, n // 8)
+    return size if size >= 1024 else 0
 
-    Exact by threshold: every entry >= the k-th largest value is kept (so exact ties at the
-    threshold keep a few more than k; zeros among them add nothing to an update). Sorting (the
-    authors' argsort) or a full selection costs many passes; here a fixed pseudo-random sample
-    (65536 entries, or n/8) gives a lower bound that a few more than k entries exceed, one
-    pass collects those candidates, and the exact selection runs on them only. If the bound
-    was too high (rare) it falls back to kthvalue on the whole tensor: exact either way.
+
+def sample_positions(n: int, sample_size: int, device: torch.device | str) -> Tensor:
+    return _sample_index(n, sample_size, torch.device(device))
+
+
+def lower_bound_from_sample(sample: Tensor, n: int, k: int) -> Tensor:
+    """A value that, with overwhelming probability, at least k of the n entries reach: the
+    sample's quantile at k/n plus a 6-sigma margin (so about 1.2k entries at k = n/100)."""
+    size = sample.numel()
+    fraction = k / n
+    margin = 6.0 * math.sqrt(fraction * (1.0 - fraction) / size) + 1.0 / size
+    above = min(size, int(math.ceil((fraction + margin) * size)))
+    return torch.topk(sample, above, sorted=False).values.min()
+
+
+def topk_positions(magnitude: Tensor, k: int, sample_size: int = 65536) -> Tensor:
+    """Flat positions (ascending) of exactly the k largest entries of a flat non-negative tensor,
+    ties at the k-th largest value broken by lowest position (`take_top_k`).
+
+    Sorting (the authors' argsort) or a full selection costs many passes; here a fixed
+    pseudo-random sample (65536 entries, or n/8) gives a lower bound that a few more than k
+    entries reach, one pass collects those candidates, and the exact selection runs on them
+    only (candidates keep their order, so the tie rule is unchanged). If the bound was too high
+    (rare) the selection runs on the whole tensor: exact either way.
     """
     n = magnitude.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside [1, {n}]")
-    sample_size = min(sample_size, n // 8)
-    if sample_size >= 1024:
-        sample = magnitude.index_select(0, _sample_index(n, sample_size, magnitude.device))
-        fraction = k / n
-        margin = 6.0 * math.sqrt(fraction * (1.0 - fraction) / sample_size) + 1.0 / sample_size
-        above = min(sample_size, int(math.ceil((fraction + margin) * sample_size)))
-        lower = torch.topk(sample, above, sorted=False).values.min()
+    size = sample_size_for(n, sample_size)
+    if size:
+        sample = magnitude.index_select(0, sample_positions(n, size, magnitude.device))
+        lower = lower_bound_from_sample(sample, n, k)
         candidates = torch.nonzero(magnitude >= lower).squeeze(1)
-        m = candidates.numel()
-        if m >= k:
-            values = magnitude.index_select(0, candidates)
-            threshold = torch.kthvalue(values, m - k + 1).values
-            return candidates[values >= threshold], threshold
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    return torch.nonzero(magnitude >= threshold).squeeze(1), threshold
+        if candidates.numel() >= k:
+            return candidates[take_top_k(magnitude.index_select(0, candidates), k)]
+    return take_top_k(magnitude, k)
