@@ -16,7 +16,7 @@ from torch import nn
 from transformers import Trainer
 
 from taxfree.errors import TaxfreeError
-from taxfree.losses.contrastive import contrastive_loss, winner_loser
+from taxfree.losses.contrastive import contrastive_loss, has_preference, winner_loser
 from taxfree.losses.kto_pair import kto_pair_kl_estimates, kto_pair_loss
 from taxfree.losses.logprobs import sequence_logps
 from taxfree.trainers.config import PAIRWISE_LOSSES, ContrastiveConfig
@@ -35,6 +35,12 @@ class ContrastiveTrainer(Trainer):
     `rewards/rejected`, `rewards/margins` (beta times the log-ratio of the best and worst
     completion, and their difference), `logratios/mean|min|max` (z over all completions: the
     KL-like statistic), and for kto-pair `kl/chosen`, `kl/rejected` (the loss's reference points).
+
+    Reward ties carry no preference: in the pairwise losses (exo-pref, dpo-pref, kto-pair) a pair
+    with equal rewards counts 0 (the loss is still the mean over the batch's prompts), and the
+    reward metrics above count only prompts with a preference (accuracies: a single best reward;
+    chosen/rejected/margins: best reward above the worst); kto-pair's KL reference points are
+    estimated from the pairs with a preference.
     """
 
     # compute_loss returns a per-batch mean: the base class divides it by the accumulation steps.
@@ -141,8 +147,17 @@ class ContrastiveTrainer(Trainer):
         z = self.completion_logratios(model, inputs)
         if args.loss_type == "kto-pair":
             z_w, z_l = winner_loser(z, rewards)
-            loss = kto_pair_loss(z_w, z_l, args.beta)
-            kl = torch.stack(kto_pair_kl_estimates(z_w, z_l))
+            preferred = has_preference(rewards)
+            if bool(preferred.all()):
+                loss = kto_pair_loss(z_w, z_l, args.beta)
+                kl = torch.stack(kto_pair_kl_estimates(z_w, z_l))
+            elif bool(preferred.any()):  # tied pairs count 0: the mean stays over all B prompts
+                z_w, z_l = z_w[preferred], z_l[preferred]
+                loss = kto_pair_loss(z_w, z_l, args.beta) * (z_w.numel() / preferred.numel())
+                kl = torch.stack(kto_pair_kl_estimates(z_w, z_l))
+            else:
+                loss = z.sum() * 0.0
+                kl = z.new_zeros(2).detach()
         else:
             loss = contrastive_loss(args.loss_type, z, rewards, args.beta_pi, args.beta_r, args.pref_eps)
             kl = None
@@ -157,20 +172,28 @@ class ContrastiveTrainer(Trainer):
         scale = self.args.beta if self.args.loss_type == "kto-pair" else self.args.beta_pi
         best = rewards.argmax(dim=1, keepdim=True)
         worst = rewards.argmin(dim=1, keepdim=True)
+        top = rewards.gather(1, best)
+        single_best = (rewards == top).sum(dim=1) == 1  # the accuracy needs one best completion
+        preferred = top.squeeze(1) > rewards.gather(1, worst).squeeze(1)
         z_best = z.gather(1, best).squeeze(1)
         z_others = z.scatter(1, best, float("-inf")).max(dim=1).values
         per_prompt = torch.stack(
-            [(z_best > z_others).float(), scale * z_best, scale * z.gather(1, worst).squeeze(1)], dim=1
+            [(z_best > z_others).float(), scale * z_best, scale * z.gather(1, worst).squeeze(1),
+             single_best.float(), preferred.float()], dim=1
         )
         # Per-prompt rows go through gather_for_metrics, which drops the duplicated tail of the
         # last eval batch by counting rows: so z stays [B, K], one row per prompt.
         per_prompt = self.accelerator.gather_for_metrics(per_prompt)
         all_z = self.accelerator.gather_for_metrics(z.float())
         m = self._metrics[mode]
-        m["rewards/accuracies"].append(per_prompt[:, 0].mean().item())
-        m["rewards/chosen"].append(per_prompt[:, 1].mean().item())
-        m["rewards/rejected"].append(per_prompt[:, 2].mean().item())
-        m["rewards/margins"].append((per_prompt[:, 1] - per_prompt[:, 2]).mean().item())
+        single_best, preferred = per_prompt[:, 3].bool(), per_prompt[:, 4].bool()
+        if single_best.any():  # prompts whose rewards all tie carry no preference to be right about
+            m["rewards/accuracies"].append(per_prompt[single_best, 0].mean().item())
+        if preferred.any():
+            rows = per_prompt[preferred]
+            m["rewards/chosen"].append(rows[:, 1].mean().item())
+            m["rewards/rejected"].append(rows[:, 2].mean().item())
+            m["rewards/margins"].append((rows[:, 1] - rows[:, 2]).mean().item())
         m["logratios/mean"].append(all_z.mean().item())
         m["logratios/min"].append(all_z.min().item())
         m["logratios/max"].append(all_z.max().item())
