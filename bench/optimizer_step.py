@@ -1,12 +1,16 @@
 """Step time and state memory of the online merging optimizers against torch.optim.AdamW.
 
-One run, the same parameters and gradients for every optimizer: torch.optim.AdamW (foreach),
-OnDARE-AdamW and OnTIES-AdamW (the authors' DPO settings by default: reserve_p 0.01,
-alpha 1e-7, use_merge), and the straightforward per-parameter loop written from the spec
-(taxfree.optim.reference) for both. Prints a markdown table: median step time, ratio to AdamW,
-ratio to the per-parameter loop, optimizer state bytes per parameter.
+One run, the same parameters and gradients for every optimizer: torch.optim.AdamW with
+fused=True (one kernel over p, g, m, v: the transformers Trainer's default where available) and
+with foreach=True, OnDARE-AdamW and OnTIES-AdamW (the authors' DPO settings by default:
+reserve_p 0.01, alpha 1e-7, use_merge), and the straightforward per-parameter loop written from
+the spec (taxfree.optim.reference) for both. The gradients change every step (a cycle of
+--grad-sets random sets, the same for every optimizer): with one fixed gradient Adam's |D| is
+lr up to rounding everywhere, a tie at every entry, which no training run sees after its first
+steps. Prints a markdown table: median step time, ratios to fused and foreach AdamW and to the
+per-parameter loop, optimizer state bytes per parameter.
 
-    python bench/optimizer_step.py                                 # ~50M parameters on CPU
+    python bench/optimizer_step.py --threads 1 --clock cpu --steps 7   # ~50M parameters on CPU
     python bench/optimizer_step.py --device cuda --params 1e9 --hidden 4096
 """
 
@@ -20,7 +24,7 @@ import time
 
 import torch
 
-from taxfree.optim import OnDAREAdamW, OnTIESAdamW
+from taxfree.optim import OnDAREAdamW, OnTIESAdamW, cpu_kernel
 from taxfree.optim.reference import ReferenceOnlineMergingAdamW
 
 
@@ -55,9 +59,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(optimizer, device, steps: int, warmup: int, clock) -> list[float]:
+def time_steps(optimizer, params, grad_sets, device, steps: int, warmup: int, clock) -> list[float]:
     times = []
     for i in range(warmup + steps):
+        for p, g in zip(params, grad_sets[i % len(grad_sets)]):
+            p.grad = g
         sync(device)
         start = clock()
         optimizer.step()
@@ -82,6 +88,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time, steadier on a shared machine (use --threads 1)")
+    parser.add_argument("--grad-sets", type=int, default=3, help="gradient sets cycled over the steps")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,16 +102,18 @@ def main() -> None:
         n: torch.nn.Parameter(torch.randn(s, generator=g, device=device, dtype=dtype) * 0.02)
         for n, s in shapes.items()
     }
-    for p in params.values():
-        p.grad = torch.randn(p.shape, generator=g, device=device, dtype=dtype) * 1e-3
+    grad_sets = [[torch.randn(p.shape, generator=g, device=device, dtype=dtype) * 1e-3 for p in params.values()]
+                 for _ in range(max(1, args.grad_sets))]
     n_params = sum(p.numel() for p in params.values())
     base = {n: p.detach() for n, p in params.items()}
     ref = {n: p.detach() + 1e-3 * torch.randn(p.shape, generator=g, device=device, dtype=dtype)
            for n, p in params.items()}
     merge = dict(reserve_p=args.reserve_p, alpha=args.alpha, use_merge=True)
 
-    def adamw():
-        return torch.optim.AdamW(params.values(), lr=1e-6, weight_decay=0.0, foreach=True)
+    def adamw(**kind):
+        def build():
+            return torch.optim.AdamW(params.values(), lr=1e-6, weight_decay=0.0, **kind)
+        return build
 
     def merging(cls, **extra):
         def build():
@@ -121,11 +130,14 @@ def main() -> None:
             return opt
         return build
 
+    fused_label, foreach_label = "torch.optim.AdamW (fused)", "torch.optim.AdamW (foreach)"
     rows = [
-        ("torch.optim.AdamW (foreach)", adamw, args.steps),
+        (fused_label, adamw(fused=True), args.steps),
+        (foreach_label, adamw(foreach=True), args.steps),
         (f"OnDARE-AdamW q={args.reserve_p}", merging(OnDAREAdamW), args.steps),
         (f"OnTIES-AdamW q={args.reserve_p}", merging(OnTIESAdamW), args.steps),
         (f"OnDARE-AdamW q={args.reserve_p} rescale", merging(OnDAREAdamW, rescale=True), args.steps),
+        (f"OnTIES-AdamW q={args.reserve_p} rescale", merging(OnTIESAdamW, rescale=True), args.steps),
     ]
     if not args.no_reference:
         rows += [
@@ -137,28 +149,30 @@ def main() -> None:
     for label, build, steps in rows:
         optimizer = build()
         warmup = 1 if "loop" in label else args.warmup
-        times = time_steps(optimizer, device, steps, warmup, clock)
+        times = time_steps(optimizer, list(params.values()), grad_sets, device, steps, warmup, clock)
         results[label] = (statistics.median(times), state_bytes(optimizer) / n_params)
         del optimizer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    adamw_time = results["torch.optim.AdamW (foreach)"][0]
+    fused_time, foreach_time = results[fused_label][0], results[foreach_label][0]
     loops = {"OnDARE": "per-parameter loop, OnDARE", "OnTIES": "per-parameter loop, OnTIES"}
+    kernel = "fused CPU pass (taxfree.optim.cpu_kernel)" if device.type == "cpu" and cpu_kernel.kernel() else "torch ops"
     print(f"\n{n_params / 1e6:.1f}M parameters in {len(shapes)} tensors, {args.dtype}, "
           f"device {device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}, {args.clock} clock, "
-          f"median of {args.steps} steps ({args.reference_steps} for the loops)\n")
+          f"median of {args.steps} steps ({args.reference_steps} for the loops), "
+          f"{len(grad_sets)} gradient sets; merging optimizers' Adam part: {kernel}\n")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB\n")
-    print("| optimizer | step (ms) | x AdamW | x per-parameter loop | state bytes / param |")
-    print("|---|---:|---:|---:|---:|")
+    print("| optimizer | step (ms) | x fused AdamW | x foreach AdamW | x per-parameter loop | state bytes / param |")
+    print("|---|---:|---:|---:|---:|---:|")
     for label, (seconds, per_param) in results.items():
         loop = next((loops[k] for k in loops if label.startswith(k)), None)
         vs_loop = f"{seconds / results[loop][0]:.3f}" if loop in results else ""
-        print(f"| {label} | {seconds * 1e3:.1f} | {seconds / adamw_time:.2f} | {vs_loop} | "
-              f"{per_param:.2f} |")
+        print(f"| {label} | {seconds * 1e3:.1f} | {seconds / fused_time:.2f} | {seconds / foreach_time:.2f} | "
+              f"{vs_loop} | {per_param:.2f} |")
 
 
 if __name__ == "__main__":

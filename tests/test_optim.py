@@ -11,7 +11,9 @@ from torch import nn
 from taxfree.errors import TaxfreeError
 from taxfree.optim import OnDAREAdamW, OnTIESAdamW
 from taxfree.optim.reference import ReferenceOnlineMergingAdamW
-from taxfree.optim.sparsify import bernoulli_positions, take_top_k, topk_positions
+from taxfree.optim import cpu_kernel
+from taxfree.optim.adamw_math import AdamCoefficients
+from taxfree.optim.sparsify import bernoulli_positions, radix_kth_largest, take_top_k, topk_positions
 
 SHAPES = {"embed.weight": (50, 16), "layer.weight": (24, 16), "layer.bias": (24,), "head.weight": (7, 24)}
 
@@ -371,9 +373,12 @@ def test_onties_exact_ties_keep_the_lowest_flat_indices():
 
 @pytest.mark.parametrize("eps", [1e-8, 0.0])
 @pytest.mark.parametrize("sparse_tau", [False, True])
-def test_onties_first_steps_with_ties_equal_the_reference_loop(eps, sparse_tau):
-    """With ties everywhere the kept set is decided by the tie rule: the optimizer and the
-    per-parameter loop (a stable sort) keep the same entries, so they agree exactly."""
+def test_onties_first_steps_with_ties_equal_the_reference_loop(eps, sparse_tau, monkeypatch):
+    """With ties everywhere the kept set is decided by the tie rule: the optimizer's torch path
+    (whose D is AdamW's, rounding included) and the per-parameter loop (a stable sort) keep the
+    same entries, so they agree exactly. (The fused CPU pass rounds sqrt correctly, torch does
+    not always: its ties are checked against its own D below.)"""
+    monkeypatch.setenv("TAXFREE_CPU_KERNEL", "0")
     params = make_params(shapes={"a": (200, 64), "b": (64,), "c": (33, 17)})
     ref = perturbed(params)
     mine, theirs = clone(params), clone(params)
@@ -391,6 +396,39 @@ def test_onties_first_steps_with_ties_equal_the_reference_loop(eps, sparse_tau):
         oracle.step()
         for n in params:
             torch.testing.assert_close(mine[n], theirs[n], rtol=1e-6, atol=1e-7, msg=f"{step} {n}")
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_onties_fused_pass_keeps_the_top_k_of_its_own_update(eps):
+    """The fused CPU pass finds the top k in its update pass (sampled bound, candidates): the
+    kept entries are exactly take_top_k of its D, computed densely by the kernel from the same
+    state, at the first step (ties everywhere) and at later ones."""
+    kern = cpu_kernel.kernel()
+    if kern is None:
+        pytest.skip("the fused CPU pass is not available (no C compiler, or TAXFREE_CPU_KERNEL=0)")
+    shape, q, lr = (512, 300), 0.01, 1e-2
+    p = nn.Parameter(torch.zeros(shape))
+    opt = OnTIESAdamW([("w", p)], lr=lr, eps=eps, reserve_p=q)
+    opt.init_ref_param_diff({"w": torch.zeros(shape)}, {"w": torch.zeros(shape)})
+    k = int(q * p.numel())
+    for step in range(3):
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(step)) * 1e-2
+        state = opt.state[p]
+        m = state["exp_avg"].clone().flatten() if "exp_avg" in state else torch.zeros(p.numel())
+        v = state["exp_avg_sq"].clone().flatten() if "exp_avg" in state else torch.zeros(p.numel())
+        c = AdamCoefficients(-lr / (1 - 0.9 ** (step + 1)), (1 - 0.999 ** (step + 1)) ** 0.5, eps,
+                             w1=1 - 0.9, b2=0.999, c2=1 - 0.999)
+        d = torch.empty(p.numel())
+        kern.update(None, grad.flatten(), m, v, c, d_out=d)
+        before = p.detach().clone().flatten()
+        p.grad = grad
+        opt.step()
+        applied = p.detach().flatten() - before
+        kept = take_top_k(d.abs(), k)
+        assert torch.equal(torch.nonzero(applied).squeeze(1), kept), step
+        assert torch.equal(opt.state[p]["exp_avg"].flatten(), m)
+        assert torch.equal(opt.state[p]["exp_avg_sq"].flatten(), v)
+        torch.testing.assert_close(applied[kept], d[kept], rtol=1e-6, atol=0)
 
 
 # ----- invariant 5: online_step K > 1 ----------------------------------------------------------
@@ -504,3 +542,14 @@ def test_dtype_of_task_vector():
     opt = OnTIESAdamW(params.items(), tau_dtype=torch.float32)
     opt.init_ref_param_diff(ref, params)
     assert opt.tau_dense(params["layer.weight"]).dtype == torch.float32
+
+
+def test_radix_kth_largest_and_large_ties():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3_000_000, generator=g).abs()
+    x[::7] = 0.25  # a heavy tie
+    for k in (1, 1000, 428_572, 2_000_000):
+        assert radix_kth_largest(x, k).item() == torch.kthvalue(x, x.numel() - k + 1).values.item()
+        got = take_top_k(x, k)  # the radix path (more than 2^20 entries)
+        expected = torch.sort(x, descending=True, stable=True).indices[:k].sort().values
+        assert torch.equal(got, expected), k

@@ -24,7 +24,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from taxfree.errors import TaxfreeError
-from taxfree.optim.adamw_math import AdamCoefficients, adam_updates, advance_moments_
+from taxfree.optim import cpu_kernel
+from taxfree.optim.adamw_math import AdamCoefficients, adam_updates, advance_moments_, count_steps_
 from taxfree.optim.named_tensors import NamedTensors
 from taxfree.optim.sharded import FlatLayout, Segment
 from taxfree.optim.sparsify import mix_seed
@@ -45,6 +46,9 @@ class MergeSlot:
     tau_value: Tensor | None
     numel: int = 0  # entries of the whole tensor (0: the slot is the whole tensor)
     tensor: int | None = None  # index into the FlatLayout when the slot is a piece of a partition
+    # Set (the flat gradient) when the moment update is left to the merge rule: it must run the
+    # fused CPU pass (OnlineMergingAdamW.moments_ or cpu_kernel directly) before using m and v.
+    grad: Tensor | None = None
 
     @property
     def full_numel(self) -> int:
@@ -588,18 +592,15 @@ class OnlineMergingAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         P = [local(p) for p in params]
-        coefficients = advance_moments_(
-            P,
-            [local(p.grad) for p in params],
-            [local(s["exp_avg"]) for s in states],
-            [local(s["exp_avg_sq"]) for s in states],
-            [s["step"] for s in states],
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
+        G = [local(p.grad) for p in params]
+        M = [local(s["exp_avg"]) for s in states]
+        V = [local(s["exp_avg_sq"]) for s in states]
+        hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        fused = self._fused_pass(group, P, G, M, V)
+        if fused:  # the merge rule runs the moment update itself, in one pass with what it needs
+            coefficients = count_steps_([s["step"] for s in states], **hp)
+        else:
+            coefficients = advance_moments_(P, G, M, V, [s["step"] for s in states], **hp)
         k = group["online_step"]
         merge_at = [i for i, s in enumerate(states) if k == 1 or int(s["step"].item()) % k == 0]
         if k > 1:
@@ -642,13 +643,57 @@ class OnlineMergingAdamW(Optimizer):
                     tau_value=states[i].get("tau_value"),
                     numel=layout.numels[t] if t is not None else 0,
                     tensor=t,
+                    grad=flat(G[i]) if fused else None,
                 ))
         else:
             (i,) = merge_at  # a partition is stepped alone
             slots = [segment_slot(P[i], states[i], coefficients[i], s, layout) for s in layout.segments]
+            if fused:
+                for slot, seg in zip(slots, layout.segments):
+                    slot.grad = flat(G[i]).narrow(0, seg.start, seg.numel)
+                self._moments_between_segments_(P[i], G[i], M[i], V[i], coefficients[i], layout)
             if updates is not None:
                 updates = [updates[0].narrow(0, s.start, s.numel) for s in layout.segments]
         self.apply_merged_update_(group, slots, updates, generator, layout)
+
+    @staticmethod
+    def _fused_pass(group: dict, *tensors: list[Tensor]) -> bool:
+        """Whether the merge rule runs the moment update in the fused CPU pass
+        (taxfree.optim.cpu_kernel): only where something is trimmed (reserve_p < 1; with nothing
+        trimmed the torch ops keep the optimizers bit for bit torch.optim.AdamW), with a merge at
+        every step, on contiguous fp32 CPU tensors, and when the kernel built."""
+        if group["online_step"] != 1 or group["reserve_p"] >= 1.0:
+            return False
+        if not all(cpu_kernel.usable(*ts) for ts in tensors):
+            return False
+        return cpu_kernel.kernel() is not None
+
+    @staticmethod
+    def _moments_between_segments_(p, g, m, v, coefficients, layout: FlatLayout) -> None:
+        """The fused path updates moments per tensor piece: the entries of a flat partition that
+        belong to no piece (alignment padding) get theirs here, as the elementwise torch path
+        gives them."""
+        kern = cpu_kernel.kernel()
+        start = 0
+        for seg in sorted(layout.segments, key=lambda s: s.start) + [None]:
+            end = seg.start if seg is not None else p.numel()
+            if end > start:
+                kern.update(flat(p).narrow(0, start, end - start), flat(g).narrow(0, start, end - start),
+                            flat(m).narrow(0, start, end - start), flat(v).narrow(0, start, end - start),
+                            coefficients)
+            if seg is not None:
+                start = seg.start + seg.numel
+
+    def moments_(self, slot: "MergeSlot", d_out: Tensor | None = None, l1: bool = False) -> float | None:
+        """For a slot whose moment update is pending (`slot.grad` set): the fused pass (decay,
+        moments; D into d_out; returns sum |D| when l1). Then `slot.grad` is cleared."""
+        c = slot.coefficients
+        total = cpu_kernel.kernel().update(
+            flat(slot.param) if c.decay != 1.0 else None, slot.grad, flat(slot.exp_avg),
+            flat(slot.exp_avg_sq), c, d_out=d_out, l1=l1,
+        )
+        slot.grad = None
+        return total
 
     # ----- state ----------------------------------------------------------------------------
 

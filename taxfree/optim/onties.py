@@ -26,10 +26,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from taxfree.optim import cpu_kernel
 from taxfree.optim.adamw_math import adam_updates
 from taxfree.optim.online_merging import MergeSlot, OnlineMergingAdamW, flat
-from taxfree.optim.sharded import FlatLayout, take_top_k_across_ranks, tensor_sums
-from taxfree.optim.sparsify import topk_positions
+from taxfree.optim.sharded import (
+    FlatLayout,
+    take_top_k_across_ranks,
+    tensor_counts,
+    tensor_min,
+    tensor_sums,
+)
+from taxfree.optim.sparsify import (
+    candidate_limit,
+    lower_bound_from_sample,
+    sample_positions,
+    sample_size_for,
+    take_top_k,
+    topk_positions,
+)
 
 
 def _kept_count(group: dict, numel: int) -> int | None:
@@ -56,6 +70,94 @@ class Trim:
             hit = self.kept.index_select(0, where) == index
             out = torch.where(hit, self.values.index_select(0, where), out)
         return out
+
+
+@dataclass
+class Candidates:
+    """The entries of one slot whose |D| reaches a bound: ascending positions and D there;
+    `complete` False when heavy ties let too many reach it to gather (select densely then)."""
+
+    index: Tensor | None
+    values: Tensor | None
+    full_l1: float | None
+    complete: bool
+
+
+class _Piece:
+    """One slot's |D| for the top-k: a sampled lower bound for the k-th largest, the candidates
+    that reach a bound, and the dense |D| when those are too many. On the fused CPU path
+    (`slot.grad` set) the sample is read before the moment update (`peek`) and the candidates are
+    collected in the update pass itself; on the torch path |D| is formed densely once."""
+
+    def __init__(self, opt: "OnTIESAdamW", slot: MergeSlot, d: Tensor | None, region=None):
+        # region: a function giving this piece's room for a dense |D| (default: the scratch)
+        self.opt, self.slot, self.d, self.region = opt, slot, d, region
+        self.fused = slot.grad is not None
+        self.magnitude: Tensor | None = None
+        self.expected = slot.param.numel()
+
+    def _buffer(self) -> Tensor:
+        return self.region() if self.region is not None else self.opt.scratch(self.slot.param)
+
+    def dense(self) -> Tensor:
+        """|D| of every entry (after `collect` on the fused path)."""
+        if self.magnitude is None:
+            slot = self.slot
+            if self.fused:
+                self.magnitude = cpu_kernel.kernel().dense_abs(
+                    flat(slot.exp_avg), flat(slot.exp_avg_sq), slot.coefficients, self._buffer())
+            else:
+                self.magnitude = self.opt._magnitude(slot, self.d, self._buffer())
+        return self.magnitude
+
+    def values_at(self, index: Tensor) -> Tensor:
+        """D at ascending positions (after `collect`)."""
+        slot = self.slot
+        if self.fused:
+            return cpu_kernel.kernel().at(flat(slot.exp_avg), flat(slot.exp_avg_sq), index, slot.coefficients)
+        return self.opt._values_at(slot, self.d, self.dense(), index)
+
+    def bound(self, k: int, numel: int) -> float | None:
+        """A value at least a fraction k/numel of this piece's entries reach (with overwhelming
+        probability); None when the piece is too small to sample."""
+        slot = self.slot
+        n = slot.param.numel()
+        size = sample_size_for(n)
+        if not size:
+            return None
+        index = sample_positions(n, size, slot.param.device)
+        if self.fused:
+            sample = cpu_kernel.kernel().peek(slot.grad, flat(slot.exp_avg), flat(slot.exp_avg_sq),
+                                              index, slot.coefficients)
+        else:
+            sample = self.dense().index_select(0, index)
+        bound, self.expected = lower_bound_from_sample(sample, numel, k)
+        self.expected = min(n, -(-self.expected * n // numel))
+        return bound
+
+    def collect(self, lower: float, l1: bool) -> Candidates:
+        """The entries with |D| >= lower (every entry for lower 0); runs the pending moment
+        update on the fused path."""
+        slot = self.slot
+        limit = candidate_limit(self.expected) if lower > 0 else slot.param.numel()
+        if self.fused:
+            c = slot.coefficients
+            index, values, full_l1, complete = cpu_kernel.kernel().update_collect(
+                flat(slot.param) if c.decay != 1.0 else None, slot.grad, flat(slot.exp_avg),
+                flat(slot.exp_avg_sq), c, lower, limit, l1=l1,
+            )
+            slot.grad = None
+            return Candidates(index, values, full_l1, complete)
+        magnitude = self.dense()
+        full_l1 = magnitude.sum(dtype=torch.float64).item() if l1 else None
+        if lower <= 0:
+            index = torch.arange(magnitude.numel(), device=magnitude.device)
+        else:
+            reach = magnitude >= lower
+            if int(reach.sum().item()) > limit:
+                return Candidates(None, None, full_l1, False)
+            index = torch.nonzero(reach).squeeze(1)
+        return Candidates(index, self.opt._values_at(slot, self.d, magnitude, index), full_l1, True)
 
 
 class OnTIESAdamW(OnlineMergingAdamW):
@@ -106,8 +208,12 @@ class OnTIESAdamW(OnlineMergingAdamW):
             across = {i for i, s in enumerate(slots) if trims[i] is not None and layout.shared[s.tensor]}
         given = updates is not None  # online_step > 1: the dense D (with the cached sum) is given
         dense: list[Tensor | None] = list(updates) if given else [None] * len(slots)
-        if not given:  # AdamW's exact D where nothing is trimmed
+        if not given:  # D where nothing is trimmed: the fused pass's, else AdamW's exact one
             untrimmed = [i for i, k in enumerate(trims) if k is None]
+            for i in [i for i in untrimmed if slots[i].grad is not None]:
+                dense[i] = torch.empty_like(flat(slots[i].param))
+                self.moments_(slots[i], d_out=dense[i])
+            untrimmed = [i for i in untrimmed if dense[i] is None]
             exact = adam_updates(
                 [slots[i].exp_avg for i in untrimmed], [slots[i].exp_avg_sq for i in untrimmed],
                 [slots[i].coefficients for i in untrimmed],
@@ -147,21 +253,28 @@ class OnTIESAdamW(OnlineMergingAdamW):
 
     def _trim_one(self, group: dict, slot: MergeSlot, k: int, d: Tensor | None) -> Trim:
         """Top-k of a whole tensor (or of a piece no other rank shares)."""
-        magnitude = self._magnitude(slot, d, self.scratch(slot.param))
-        kept = topk_positions(magnitude, k)
-        values = self._values_at(slot, d, magnitude, kept)
-        if group["rescale"]:
-            full_l1 = magnitude.sum(dtype=torch.float64).item()
-            if full_l1 >= 1e-8:
-                values.mul_(full_l1 / values.abs().sum(dtype=torch.float64).item())
+        piece = _Piece(self, slot, d, None)
+        lower = piece.bound(k, slot.full_numel)
+        found = piece.collect(0.0 if lower is None else lower, group["rescale"])
+        if found.complete and found.index.numel() >= k:
+            chosen = take_top_k(found.values.abs(), k)
+            kept, values = found.index.index_select(0, chosen), found.values.index_select(0, chosen)
+        else:  # the bound was too high, or heavy ties: select on the dense |D|
+            kept = take_top_k(piece.dense(), k)
+            values = piece.values_at(kept)
+        if found.full_l1 is not None and found.full_l1 >= 1e-8:
+            values.mul_(found.full_l1 / values.abs().sum(dtype=torch.float64).item())
         return Trim(kept, values)
 
     def _trim_across_ranks(
         self, group: dict, slots: list[MergeSlot], dense: list, across: set[int], layout: FlatLayout
     ) -> dict[int, Trim]:
-        """The trims of the pieces of tensors that span ranks: their |D| side by side in one
-        buffer, the exact top-k and the L1 sums across ranks. Every rank makes the same
-        collective calls, with whatever pieces it holds (none, under FSDP1, is possible)."""
+        """The trims of the pieces of tensors that span ranks, with the same collective calls on
+        every rank whatever pieces it holds (none, under FSDP1, is possible): each piece's
+        sampled lower bound, the smallest over the ranks (so the union of the candidates holds
+        every entry of the top k), the candidates and their total (a tensor short of k, or
+        with too many candidates on some rank, selects on its dense |D| on every rank), the
+        exact top-k across ranks, and the L1 sums of the rescale."""
         ks = {}
         for t, numel in enumerate(layout.numels):
             k = _kept_count(group, numel)
@@ -170,32 +283,57 @@ class OnTIESAdamW(OnlineMergingAdamW):
         if not ks:
             return {}
         shared = sorted(across)
-        magnitudes: dict[int, Tensor] = {}
-        if shared:
+        tensors = list(ks)
+        pieces, offset = {}, 0
+        if shared:  # room for the dense |D| of every shared piece, side by side, when needed
             like = slots[shared[0]].param
-            buffer = self.scratch_of(sum(slots[i].param.numel() for i in shared), like.dtype, like.device)
-            offset = 0
-            for i in shared:
-                region = buffer[offset : offset + slots[i].param.numel()]
-                offset += region.numel()
-                magnitudes[i] = self._magnitude(slots[i], dense[i], region)
+            total = sum(slots[i].param.numel() for i in shared)
+
+            def region(start: int, n: int) -> Tensor:
+                return self.scratch_of(total, like.dtype, like.device)[start : start + n]
+
+        for i in shared:
+            n = slots[i].param.numel()
+            pieces[i] = _Piece(self, slots[i], dense[i], lambda a=offset, n=n: region(a, n))
+            offset += n
+        bounds = {}
+        for i in shared:
+            t = slots[i].tensor
+            bound = pieces[i].bound(ks[t], layout.numels[t])
+            bounds[t] = float("inf") if bound is None else bound
+        lowers = tensor_min(layout, bounds, tensors)
+        found = {}
+        for i in shared:
+            lower = lowers[slots[i].tensor]
+            found[i] = pieces[i].collect(0.0 if lower == float("inf") else lower, group["rescale"])
+        unusable = 1 << 40  # a piece with too many candidates to gather
+        totals = tensor_counts(
+            layout, {slots[i].tensor: found[i].index.numel() if found[i].complete else unusable for i in shared},
+            tensors,
+        )
+        dense_select = {t for t in tensors if not ks[t] <= totals[t] < unusable}
+        values = {}
+        for i in shared:
+            t = slots[i].tensor
+            values[t] = pieces[i].dense() if t in dense_select else found[i].values.abs()
         segments = {s.tensor: s for s in layout.segments}
         kept = take_top_k_across_ranks(
-            layout, ks, {slots[i].tensor: magnitudes[i] for i in shared},
-            {slots[i].tensor: segments[slots[i].tensor].offset for i in shared},
+            layout, ks, values, {slots[i].tensor: segments[slots[i].tensor].offset for i in shared}
         )
-        trims = {i: Trim(kept[slots[i].tensor]) for i in shared}
+        trims = {}
         for i in shared:
-            trims[i].values = self._values_at(slots[i], dense[i], magnitudes[i], trims[i].kept)
+            t, chosen = slots[i].tensor, kept[slots[i].tensor]
+            if t in dense_select:
+                trims[i] = Trim(chosen, pieces[i].values_at(chosen))
+            else:
+                trims[i] = Trim(found[i].index.index_select(0, chosen), found[i].values.index_select(0, chosen))
         if group["rescale"]:
             local_sums = torch.tensor(
-                [[magnitudes[i].sum(dtype=torch.float64).item(),
-                  trims[i].values.abs().sum(dtype=torch.float64).item()]
-                 for i in shared],
+                [[found[i].full_l1, trims[i].values.abs().sum(dtype=torch.float64).item()] for i in shared],
                 dtype=torch.float64,
             ).reshape(-1, 2)
-            totals = tensor_sums(layout, [slots[i].tensor for i in shared], local_sums).tolist()
-            for i, (full_l1, kept_l1) in zip(shared, totals):
+            totals_l1 = tensor_sums(layout, [slots[i].tensor for i in shared], local_sums).tolist()
+            for i, (full_l1, kept_l1) in zip(shared, totals_l1):
                 if full_l1 >= 1e-8:
                     trims[i].values.mul_(full_l1 / kept_l1)
         return trims
@@ -221,12 +359,24 @@ class OnTIESAdamW(OnlineMergingAdamW):
         if trim is None:
             at_tau = d.index_select(0, index) if index.numel() else None
             p.add_(d, alpha=update_weight)
+        elif self._kernel_applies(p, trim, slot):
+            cpu_kernel.kernel().ties_apply(p, trim.kept, trim.values, index, slot.tau_value,
+                                           update_weight, tau_weight, group["weighted_election"],
+                                           group["alpha"])
+            return
         else:
             at_tau = trim.at(index) if index.numel() else None
             p.index_add_(0, trim.kept, trim.values, alpha=update_weight)
         if at_tau is not None:
             tau = slot.tau_value.to(at_tau.dtype)
             self._elect_and_apply_(group, p, tau, at_tau, tau_weight, update_weight, index=index)
+
+    @staticmethod
+    def _kernel_applies(p: Tensor, trim: Trim, slot: MergeSlot) -> bool:
+        """The election at the union of kept and tau positions in one C walk (fp32 CPU)."""
+        return (cpu_kernel.kernel() is not None and cpu_kernel.usable(p, trim.values, slot.tau_value)
+                and slot.tau_index.dtype == torch.int32 and slot.tau_index.is_contiguous()
+                and trim.kept.is_contiguous())
 
     @staticmethod
     def _elect_and_apply_(

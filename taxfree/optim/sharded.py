@@ -86,6 +86,26 @@ def tensor_sums(layout: FlatLayout, tensors: list[int], local: Tensor) -> Tensor
     return full[index]
 
 
+def tensor_min(layout: FlatLayout, local: dict[int, float], tensors: list[int]) -> dict[int, float]:
+    """The smallest over all ranks of a per-tensor value, for `tensors` (the same list on every
+    rank; a rank without a value for a tensor contributes +inf)."""
+    import torch.distributed as dist
+
+    values = torch.tensor([local.get(t, float("inf")) for t in tensors], dtype=torch.float64,
+                          device=layout.device)
+    if values.numel():
+        dist.all_reduce(values, op=dist.ReduceOp.MIN, group=layout.process_group)
+    return dict(zip(tensors, values.tolist()))
+
+
+def tensor_counts(layout: FlatLayout, local: dict[int, int], tensors: list[int]) -> dict[int, int]:
+    """Per-tensor counts summed over all ranks, for `tensors` (the same list on every rank)."""
+    counts = torch.tensor([local.get(t, 0) for t in tensors], dtype=torch.int64, device=layout.device)
+    if counts.numel():
+        _all_reduce(counts, layout.process_group)
+    return dict(zip(tensors, counts.tolist()))
+
+
 def kth_largest(
     layout: FlatLayout, ks: dict[int, int], values: dict[int, Tensor]
 ) -> dict[int, Tensor]:
