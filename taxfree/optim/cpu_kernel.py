@@ -2,12 +2,13 @@
 
 Why: on a CPU every step of the online merging optimizers must at least read g, m, v and write
 m, v. torch's foreach ops do that in several passes over memory (lerp, mul, addcmul: 32 bytes
-per parameter, then more to form D); one fused pass moves 20 and can find OnTIES's top-k
-candidates and the L1 norm of D on the way, so a step costs about what torch's fused AdamW costs.
+per parameter, then more to form D); one fused pass moves 20 and finds what the merge needs on
+the way (D at OnDARE's kept positions, OnTIES's top-k candidates, the L1 norm of D). Measured
+against torch's fused AdamW on the same CPU: docs/benchmarks.md.
 
 The library is compiled once per source, compiler and CPU (cached under
 $XDG_CACHE_HOME/taxfree/kernels, or TAXFREE_KERNEL_CACHE), needs only a C compiler (gcc or cc;
-no torch headers, no Python headers), and takes under a second to build. Anything that stops it
+no torch headers, no Python headers), and takes a few seconds to build. Anything that stops it
 (no compiler, a failed build, a self-check that disagrees with torch's arithmetic) leaves
 `kernel()` None and the optimizers on their torch path; TAXFREE_CPU_KERNEL=0 turns it off.
 Large tensors are split over threads (ctypes releases the GIL), as many as torch uses.
@@ -43,10 +44,6 @@ class _Coefficients(ctypes.Structure):
     _fields_ = [(name, ctypes.c_float) for name in ("w1", "b2", "c2", "decay", "step", "bc2", "eps")]
 
 
-def _pointer(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 class AdamKernel:
     """The loaded library; every tensor argument must be a contiguous fp32 CPU tensor."""
 
@@ -63,7 +60,7 @@ class AdamKernel:
         lib.tf_adam_peek.restype = None
         lib.tf_adam_dense_abs.argtypes = [p, p, i64, coef, p]
         lib.tf_adam_dense_abs.restype = None
-        lib.tf_adam_update_apply.argtypes = [p, p, p, p, i64, coef, p, i64, f32, f32, p, p, i64, f32]
+        lib.tf_adam_update_apply.argtypes = [p, p, p, p, i64, coef, p, i64, f32, f32, p, p, i64, f32, p]
         lib.tf_adam_update_apply.restype = None
         lib.tf_ties_apply.argtypes = [p, p, p, i64, p, p, i64, f32, f32, ctypes.c_int, f32, f32]
         lib.tf_ties_apply.restype = None
@@ -185,10 +182,11 @@ class AdamKernel:
             # the chunk's arrays start at entry a: its positions are shifted by a
             k = kept[kcut[ci] : kcut[ci + 1]] - a if a else kept[kcut[ci] : kcut[ci + 1]]
             t = tau_index[tcut[ci] : tcut[ci + 1]] - a if a else tau_index[tcut[ci] : tcut[ci + 1]]
+            room = torch.empty(k.numel(), dtype=torch.float32)  # D at the kept positions
             self.lib.tf_adam_update_apply(
                 p.data_ptr() + 4 * a, g.data_ptr() + 4 * a, m.data_ptr() + 4 * a, v.data_ptr() + 4 * a,
                 b - a, ctypes.byref(coef), k.data_ptr(), k.numel(), q, weight, t.data_ptr(),
-                tau_value.data_ptr() + 4 * tcut[ci], t.numel(), alpha,
+                tau_value.data_ptr() + 4 * tcut[ci], t.numel(), alpha, room.data_ptr(),
             )
 
         self._map(run, [(i, i) for i in range(len(chunks))])

@@ -154,7 +154,7 @@ class _Piece:
             index = torch.arange(magnitude.numel(), device=magnitude.device)
         else:
             reach = magnitude >= lower
-            if int(reach.sum().item()) > limit:
+            if int(torch.count_nonzero(reach).item()) > limit:
                 return Candidates(None, None, full_l1, False)
             index = torch.nonzero(reach).squeeze(1)
         return Candidates(index, self.opt._values_at(slot, self.d, magnitude, index), full_l1, True)

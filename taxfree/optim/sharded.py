@@ -180,8 +180,8 @@ def take_top_k_across_ranks(
         if v is None or v.numel() == 0:
             continue
         threshold = thresholds[t].to(v.dtype)
-        counts[i, 0] = (v > threshold).sum()
-        counts[i, 1 + rank] = (v == threshold).sum()
+        counts[i, 0] = torch.count_nonzero(v > threshold)
+        counts[i, 1 + rank] = torch.count_nonzero(v == threshold)
         counts[i, 1 + world + rank] = offsets[t]
     _all_reduce(counts, layout.process_group)
     counts = counts.cpu()

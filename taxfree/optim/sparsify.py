@@ -58,7 +58,7 @@ def bernoulli_positions(
     end = -1  # last position drawn so far
     while end < n:
         u = torch.rand(chunk, generator=generator, dtype=torch.float64, device=device)
-        gaps = torch.floor(torch.log1p(-u) / log_miss).to(torch.long).add_(1)
+        gaps = u.neg_().log1p_().div_(log_miss).floor_().to(torch.long).add_(1)  # in place: no temporaries
         positions = torch.cumsum(gaps, 0).add_(end)
         pieces.append(positions)
         end = int(positions[-1].item())
@@ -88,7 +88,7 @@ def take_top_k(values: Tensor, k: int) -> Tensor:
         threshold = radix_kth_largest(values, k)  # kthvalue would copy n values and n indices
     else:
         threshold = torch.kthvalue(values, n - k + 1).values
-    return keep_above_and_ties(values, threshold, k - int((values > threshold).sum().item()))
+    return keep_above_and_ties(values, threshold, k - int(torch.count_nonzero(values > threshold).item()))
 
 
 _LARGE = 1 << 20
@@ -202,7 +202,7 @@ def topk_positions(magnitude: Tensor, k: int, sample_size: int = SAMPLE_SIZE) ->
         sample = magnitude.index_select(0, sample_positions(n, size, magnitude.device))
         lower, expected = lower_bound_from_sample(sample, n, k)
         reach = magnitude >= lower
-        count = int(reach.sum().item())
+        count = int(torch.count_nonzero(reach).item())
         if k <= count <= candidate_limit(expected):
             candidates = torch.nonzero(reach).squeeze(1)
             return candidates[take_top_k(magnitude.index_select(0, candidates), k)]
