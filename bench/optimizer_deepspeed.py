@@ -1,13 +1,17 @@
 """Step time and optimizer state of the online merging optimizers under DeepSpeed ZeRO-2,
-against DeepSpeed's own AdamW in the same run.
+against DeepSpeed's own AdamW and torch's AdamW (fused and foreach) in the same run.
 
 Two data-parallel processes on gloo (CPU; `--backend nccl` on a 2-GPU node) hold the same
-Llama-shaped parameters with fixed gradients (the loss is sum(p * G), so every backward gives G).
-Each row is one ZeRO-2 engine over the same model, stepped `--steps` times after `--warmup`:
+Llama-shaped parameters with gradients that change every step (the loss is sum(p * G_s) for a
+cycle of --grad-sets random sets G_s: with one fixed G, Adam's |D| would tie everywhere, which
+no training run sees after its first steps). Each row is one ZeRO-2 engine over the same model,
+stepped `--steps` times after `--warmup`:
 
 - DeepSpeed AdamW: the config's {"optimizer": {"type": "AdamW"}}. On CPU that is DeepSpeed's
   FusedAdam built for the CPU accelerator (JIT-compiled once, cached in ~/.cache/torch_extensions);
   `--torch-adam` takes DeepSpeed's torch.optim.AdamW path instead (no compiling).
+- torch.optim.AdamW with fused=True and with foreach=True, handed to DeepSpeed as the client
+  optimizer (ZeRO's basic optimizer, as ours are).
 - OnDARE-AdamW and OnTIES-AdamW as ZeRO's basic optimizer, at the authors' DPO settings
   (reserve_p 0.01, alpha 1e-7, use_merge).
 
@@ -16,7 +20,7 @@ partition, the whole `engine.step()` (that step plus ZeRO's all-gather of the up
 and optimizer state bytes per model parameter on one rank (the larger) and over all ranks.
 
     python bench/optimizer_deepspeed.py                       # ~50M parameters, 2 CPU processes
-    python bench/optimizer_deepspeed.py --threads 1 --clock cpu
+    python bench/optimizer_deepspeed.py --threads 1 --clock cpu --torch-adam
 """
 
 from __future__ import annotations
@@ -41,19 +45,22 @@ WORLD = 2
 
 
 class FixedGradients(torch.nn.Module):
-    """Parameters of the given shapes; loss = sum(p * G) so each backward leaves grad = G."""
+    """Parameters of the given shapes; loss = sum(p * G_s) so each backward leaves grad = G_s,
+    s = the `step` attribute modulo the number of gradient sets."""
 
-    def __init__(self, shapes: dict, seed: int = 0):
+    def __init__(self, shapes: dict, seed: int = 0, sets: int = 2):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.names = list(shapes)
         self.weights = torch.nn.ParameterList(
             torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes.values()
         )
-        self.grads = [torch.randn(s, generator=g) * 1e-3 for s in shapes.values()]
+        self.grads = [[torch.randn(s, generator=g) * 1e-3 for s in shapes.values()] for _ in range(sets)]
+        self.step = 0
 
     def forward(self, _):
-        return sum((w * g).sum() for w, g in zip(self.weights, self.grads))
+        grads = self.grads[self.step % len(self.grads)]
+        return sum((w * g).sum() for w, g in zip(self.weights, grads))
 
 
 def _config(optimizer: dict | None) -> dict:
@@ -70,10 +77,15 @@ def _config(optimizer: dict | None) -> dict:
     return config
 
 
+FUSED = "torch.optim.AdamW (fused)"
+
+
 def _rows(args) -> list[tuple[str, str]]:
     adamw = "DeepSpeed AdamW (torch.optim.AdamW)" if args.torch_adam else "DeepSpeed AdamW (FusedAdam)"
     return [
         (adamw, "adamw"),
+        (FUSED, "torch-fused"),
+        ("torch.optim.AdamW (foreach)", "torch-foreach"),
         (f"OnDARE-AdamW q={args.reserve_p}", "ondare"),
         (f"OnTIES-AdamW q={args.reserve_p}", "onties"),
     ]
@@ -103,8 +115,8 @@ def _worker(rank: int, args, port: int, out: str) -> None:
     shapes = decoder_shapes(args.params, args.hidden)
     results = {}
     for label, kind in _rows(args):
-        model = FixedGradients(shapes).to(device)
-        model.grads = [g.to(device) for g in model.grads]
+        model = FixedGradients(shapes, sets=args.grad_sets).to(device)
+        model.grads = [[g.to(device) for g in grads] for grads in model.grads]
         n_params = sum(p.numel() for p in model.parameters())
         if kind == "adamw":
             params = {"lr": 1e-6, "weight_decay": 0.0, "torch_adam": bool(args.torch_adam)}
@@ -112,6 +124,10 @@ def _worker(rank: int, args, port: int, out: str) -> None:
                 model=model, model_parameters=model.parameters(),
                 config=_config({"type": "AdamW", "params": params}),
             )
+        elif kind.startswith("torch-"):
+            variant = {"fused": True} if kind == "torch-fused" else {"foreach": True}
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, **variant)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_config(None))
         else:
             cls = OnDAREAdamW if kind == "ondare" else OnTIESAdamW
             named = [(n, p) for n, p in zip(model.names, model.weights)]
@@ -135,6 +151,7 @@ def _worker(rank: int, args, port: int, out: str) -> None:
         engine_times = []
         x = torch.zeros(1, device=device)
         for i in range(args.warmup + args.steps):
+            model.step = i
             engine.backward(engine(x))
             get_accelerator().synchronize()
             start = clock()
@@ -164,6 +181,7 @@ def main() -> None:
     parser.add_argument("--reserve-p", type=float, default=0.01)
     parser.add_argument("--alpha", type=float, default=1e-7)
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    parser.add_argument("--grad-sets", type=int, default=2, help="gradient sets cycled over the steps")
     parser.add_argument("--torch-adam", action="store_true",
                         help="DeepSpeed's torch.optim.AdamW path instead of its FusedAdam")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: default)")
@@ -182,18 +200,21 @@ def main() -> None:
           f"parameters, {first['partition'] / 1e6:.1f}M per rank; {platform.processor() or platform.machine()}, "
           f"{args.threads or torch.get_num_threads()} threads per process, torch {torch.__version__}, "
           f"{args.clock} clock, median of {args.steps} steps, slower rank\n")
-    print("| optimizer | optimizer step (ms) | x DeepSpeed AdamW | engine.step (ms) | x DeepSpeed AdamW "
-          "| state bytes / model param, one rank | all ranks |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| optimizer | optimizer step (ms) | x DeepSpeed AdamW | x torch fused AdamW | engine.step (ms) "
+          "| x DeepSpeed AdamW | x torch fused AdamW | state bytes / model param, one rank | all ranks |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base_opt = max(r[rows[0][0]]["optimizer_step"] for r in ranks)
     base_engine = max(r[rows[0][0]]["engine_step"] for r in ranks)
+    fused_opt = max(r[FUSED]["optimizer_step"] for r in ranks)
+    fused_engine = max(r[FUSED]["engine_step"] for r in ranks)
     for label, _ in rows:
         opt_step = max(r[label]["optimizer_step"] for r in ranks)
         engine_step = max(r[label]["engine_step"] for r in ranks)
         one_rank = max(r[label]["state_bytes"] for r in ranks) / first["n_params"]
         summed = sum(r[label]["state_bytes"] for r in ranks) / first["n_params"]
-        print(f"| {label} | {opt_step * 1e3:.1f} | {opt_step / base_opt:.2f} | {engine_step * 1e3:.1f} | "
-              f"{engine_step / base_engine:.2f} | {one_rank:.2f} | {summed:.2f} |")
+        print(f"| {label} | {opt_step * 1e3:.1f} | {opt_step / base_opt:.2f} | {opt_step / fused_opt:.2f} | "
+              f"{engine_step * 1e3:.1f} | {engine_step / base_engine:.2f} | {engine_step / fused_engine:.2f} | "
+              f"{one_rank:.2f} | {summed:.2f} |")
 
 
 if __name__ == "__main__":

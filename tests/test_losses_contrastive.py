@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from taxfree.errors import TaxfreeError
-from taxfree.losses import EXO_PREF_EPS, contrastive_loss, dpo_sigmoid_loss, kto_pair_loss
+from taxfree.losses import EXO_PREF_EPS, contrastive_loss, dpo_sigmoid_loss, has_preference, kto_pair_loss
 
 
 def softmax(xs):
@@ -75,6 +75,49 @@ def test_exo_pref_by_hand_and_winner_follows_reward():
         expected.append(pw * (math.log(pw) - math.log(1 - eps)) + pl * (math.log(pl) - math.log(eps)))
     got = contrastive_loss("exo-pref", t(z), t(r), beta_pi=beta, pref_eps=eps)
     assert got.item() == pytest.approx(sum(expected) / 2, rel=1e-12)
+
+
+def test_tied_pairs_carry_no_preference():
+    """A pair with equal rewards counts 0 in the -pref kinds: no loss, no gradient, whichever
+    completion comes first; the mean stays over all B prompts."""
+    beta, eps = 0.3, 0.05
+    z = t([[2.0, -1.0], [0.5, 1.5]]).requires_grad_(True)
+    r = t([[1.0, 0.0], [0.7, 0.7]])  # prompt 1 ties
+    pw, pl = softmax([beta * 2.0, beta * -1.0])
+    exo_pair0 = pw * (math.log(pw) - math.log(1 - eps)) + pl * (math.log(pl) - math.log(eps))
+    loss = contrastive_loss("exo-pref", z, r, beta_pi=beta, pref_eps=eps)
+    assert loss.item() == pytest.approx(exo_pair0 / 2, rel=1e-12)
+    loss.backward()
+    assert z.grad[1].tolist() == [0.0, 0.0]
+    # d/dz_w of p_w (log p_w - log q_w) + p_l (log p_l - log q_l), halved by the mean over 2 prompts
+    expected_grad = beta * pw * pl * ((math.log(pw) - math.log(1 - eps)) - (math.log(pl) - math.log(eps))) / 2
+    assert z.grad[0, 0].item() == pytest.approx(expected_grad, rel=1e-10)
+    assert z.grad[0, 1].item() == pytest.approx(-expected_grad, rel=1e-10)
+    dpo = contrastive_loss("dpo-pref", z, r, beta_pi=beta)
+    assert dpo.item() == pytest.approx(-math.log(sigmoid(beta * 3.0)) / 2, rel=1e-12)
+    # The EXO authors' code makes the second completion win a tie: the tied prompt would add
+    # KL(p || (eps, 1 - eps)) with p = softmax(beta * (0.5, 1.5)) = (0.4256, 0.5744) instead of
+    # nothing: 0.5744 (ln 0.5744 - ln 0.95) + 0.4256 (ln 0.4256 - ln 0.05) = 0.622.
+    p1 = softmax([beta * 0.5, beta * 1.5])
+    authors_extra = p1[1] * (math.log(p1[1]) - math.log(1 - eps)) + p1[0] * (math.log(p1[0]) - math.log(eps))
+    assert authors_extra == pytest.approx(0.6223, abs=1e-4)
+    for kind in ("exo-pref", "dpo-pref"):
+        # the order of a tied pair does not matter, and a batch of ties is a zero loss that
+        # still backpropagates (zero gradients)
+        swapped = contrastive_loss(kind, t([[2.0, -1.0], [1.5, 0.5]]), r, beta_pi=beta, pref_eps=eps)
+        assert swapped.item() == pytest.approx(contrastive_loss(kind, z.detach(), r, beta_pi=beta, pref_eps=eps).item())
+        zt = t([[0.3, -2.0]]).requires_grad_(True)
+        tied = contrastive_loss(kind, zt, t([[1.0, 1.0]]), beta_pi=beta, pref_eps=eps)
+        tied.backward()
+        assert tied.item() == 0.0 and zt.grad.tolist() == [[0.0, 0.0]]
+        # a batch's loss is the mean of its micro-batches' losses, ties or not
+        halves = [contrastive_loss(kind, z.detach()[i : i + 1], r[i : i + 1], beta_pi=beta, pref_eps=eps).item()
+                  for i in range(2)]
+        whole = contrastive_loss(kind, z.detach(), r, beta_pi=beta, pref_eps=eps).item()
+        assert whole == pytest.approx(sum(halves) / 2, rel=1e-12)
+    # The rw kinds keep their softmax target: equal rewards are a uniform target, not a skip.
+    assert contrastive_loss("exo-rw", t([[0.0, 1.0]]), t([[0.7, 0.7]]), beta_pi=1.0).item() > 0.0
+    assert has_preference(r).tolist() == [True, False]
 
 
 def trl_exo_pair(delta, beta, label_smoothing):

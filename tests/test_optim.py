@@ -11,7 +11,9 @@ from torch import nn
 from taxfree.errors import TaxfreeError
 from taxfree.optim import OnDAREAdamW, OnTIESAdamW
 from taxfree.optim.reference import ReferenceOnlineMergingAdamW
-from taxfree.optim.sparsify import bernoulli_positions, topk_positions
+from taxfree.optim import cpu_kernel
+from taxfree.optim.adamw_math import AdamCoefficients
+from taxfree.optim.sparsify import bernoulli_positions, radix_kth_largest, take_top_k, topk_positions
 
 SHAPES = {"embed.weight": (50, 16), "layer.weight": (24, 16), "layer.bias": (24,), "head.weight": (7, 24)}
 
@@ -221,18 +223,37 @@ def test_bernoulli_positions_is_bernoulli():
 @pytest.mark.parametrize("n,k,sample", [(300_000, 3000, 65536), (1000, 10, 65536), (5000, 500, 16), (20_000, 7, 2048)])
 def test_topk_positions_exact(n, k, sample):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)).abs()
-    positions, threshold = topk_positions(x, k, sample_size=sample)
+    positions = topk_positions(x, k, sample_size=sample)
     expected = torch.topk(x, k).indices.sort().values
     assert torch.equal(positions, expected)
-    assert threshold.item() == torch.topk(x, k).values.min().item()
 
 
-def test_topk_positions_keeps_ties_and_zeros():
+def test_topk_positions_keeps_exactly_k_ties_by_lowest_index():
     x = torch.tensor([0.0, 3.0, 1.0, 3.0, 0.0, 2.0])
-    positions, threshold = topk_positions(x, 1)
-    assert positions.tolist() == [1, 3] and threshold.item() == 3.0
-    positions, _ = topk_positions(torch.zeros(4), 2)
-    assert positions.tolist() == [0, 1, 2, 3]
+    assert topk_positions(x, 1).tolist() == [1]  # 3.0 twice: the first
+    assert topk_positions(x, 2).tolist() == [1, 3]
+    assert topk_positions(x, 4).tolist() == [1, 2, 3, 5]
+    assert topk_positions(x, 5).tolist() == [0, 1, 2, 3, 5]  # zeros too, the first one
+    assert topk_positions(torch.zeros(4), 2).tolist() == [0, 1]
+    # large and tied everywhere (the sampled bound then admits every entry): the first k
+    tied = torch.full((100_000,), 0.5)
+    assert torch.equal(topk_positions(tied, 1234), torch.arange(1234))
+    # a few levels, each heavily tied: all of the higher levels, then the lowest positions
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 5, (200_000,), generator=g).float()
+    for k in (1, 999, 40_000, 123_456):
+        got = topk_positions(levels, k)
+        order = torch.sort(levels, descending=True, stable=True).indices[:k].sort().values
+        assert got.numel() == k and torch.equal(got, order)
+
+
+def test_take_top_k_edges():
+    x = torch.tensor([2.0, 1.0, 2.0])
+    assert take_top_k(x, 0).tolist() == []
+    assert take_top_k(x, 3).tolist() == [0, 1, 2]
+    assert take_top_k(x, 1).tolist() == [0]
+    with pytest.raises(ValueError):
+        take_top_k(x, 4)
 
 
 # ----- invariant 4: OnTIES sign election ------------------------------------------------------
@@ -305,6 +326,109 @@ def test_onties_task_vector_is_topk_with_rescale():
         assert set(torch.nonzero(tau).flatten().tolist()) == set(top.tolist())
         scale = diff.abs().sum() / diff[top].abs().sum() if rescale else 1.0
         torch.testing.assert_close(tau[top], diff[top] * scale)
+
+
+# ----- exactly k at every step, ties by lowest flat index ----------------------------------------
+
+
+@pytest.mark.parametrize("scale,eps", [(1e-4, 1e-8), (1e-2, 1e-8), (1.0, 1e-8), (1e-2, 0.0)])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_onties_first_step_keeps_exactly_k(scale, eps, rescale):
+    """Adam's first step: |D| = lr*|g|/(|g|+eps) is lr up to rounding when |g| >> eps, so
+    thousands of entries tie with the k-th largest. Exactly k = int(q*n) entries move, and they
+    are the largest |D| (checked against D in float64)."""
+    lr, q, shape = 1e-2, 0.01, (1024, 1024)
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(shape, generator=g) * scale
+    p = nn.Parameter(torch.zeros(shape))
+    opt = OnTIESAdamW([("w", p)], lr=lr, eps=eps, reserve_p=q, rescale=rescale)
+    opt.init_ref_param_diff({"w": torch.zeros(shape)}, {"w": torch.zeros(shape)})
+    p.grad = grad.clone()
+    opt.step()
+    k = int(q * p.numel())
+    assert k == 10485
+    moved = p.detach().flatten() != 0
+    assert int(moved.sum()) == k
+    g64 = grad.double().flatten()
+    d = (lr * g64.abs()) / (g64.abs() + eps)  # m/bc1 = g, sqrt(v/bc2) = |g|
+    assert d[moved].min() >= d[~moved].max() * (1 - 1e-6)
+    if rescale:  # one factor restores |D|_1: each kept entry ~ D * n/k, about 100x here
+        torch.testing.assert_close(p.detach().abs().sum().double(), d.sum(), rtol=1e-5, atol=0)
+
+
+def test_onties_exact_ties_keep_the_lowest_flat_indices():
+    """Every |g| equal: every |D| is the same number, so the rule alone picks the entries."""
+    shape, q = (300, 70), 0.05
+    sign = torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+    for eps in (1e-8, 0.0):
+        p = nn.Parameter(torch.zeros(shape))
+        opt = OnTIESAdamW([("w", p)], lr=1e-2, eps=eps, reserve_p=q)
+        opt.init_ref_param_diff({"w": torch.zeros(shape)}, {"w": torch.zeros(shape)})
+        p.grad = 0.37 * sign
+        opt.step()
+        k = int(q * p.numel())
+        moved = torch.nonzero(p.detach().flatten()).squeeze(1)
+        assert torch.equal(moved, torch.arange(k))
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+@pytest.mark.parametrize("sparse_tau", [False, True])
+def test_onties_first_steps_with_ties_equal_the_reference_loop(eps, sparse_tau, monkeypatch):
+    """With ties everywhere the kept set is decided by the tie rule: the optimizer's torch path
+    (whose D is AdamW's, rounding included) and the per-parameter loop (a stable sort) keep the
+    same entries, so they agree exactly. (The fused CPU pass rounds sqrt correctly, torch does
+    not always: its ties are checked against its own D below.)"""
+    monkeypatch.setenv("TAXFREE_CPU_KERNEL", "0")
+    params = make_params(shapes={"a": (200, 64), "b": (64,), "c": (33, 17)})
+    ref = perturbed(params)
+    mine, theirs = clone(params), clone(params)
+    kw = dict(lr=1e-2, eps=eps, reserve_p=0.1, alpha=0.3, use_merge=True)
+    opt = OnTIESAdamW(mine.items(), **kw, sparse_tau=sparse_tau)
+    opt.init_ref_param_diff(ref, params)
+    oracle = ReferenceOnlineMergingAdamW(theirs.values(), "onties", **kw)
+    for n in params:
+        oracle.set_tau(theirs[n], opt.tau_dense(mine[n]))
+    for step in range(3):
+        for n in params:
+            grad = torch.randn(params[n].shape, generator=torch.Generator().manual_seed(step)) * 1e-2
+            mine[n].grad, theirs[n].grad = grad.clone(), grad.clone()
+        opt.step()
+        oracle.step()
+        for n in params:
+            torch.testing.assert_close(mine[n], theirs[n], rtol=1e-6, atol=1e-7, msg=f"{step} {n}")
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_onties_fused_pass_keeps_the_top_k_of_its_own_update(eps):
+    """The fused CPU pass finds the top k in its update pass (sampled bound, candidates): the
+    kept entries are exactly take_top_k of its D, computed densely by the kernel from the same
+    state, at the first step (ties everywhere) and at later ones."""
+    kern = cpu_kernel.kernel()
+    if kern is None:
+        pytest.skip("the fused CPU pass is not available (no C compiler, or TAXFREE_CPU_KERNEL=0)")
+    shape, q, lr = (512, 300), 0.01, 1e-2
+    p = nn.Parameter(torch.zeros(shape))
+    opt = OnTIESAdamW([("w", p)], lr=lr, eps=eps, reserve_p=q)
+    opt.init_ref_param_diff({"w": torch.zeros(shape)}, {"w": torch.zeros(shape)})
+    k = int(q * p.numel())
+    for step in range(3):
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(step)) * 1e-2
+        state = opt.state[p]
+        m = state["exp_avg"].clone().flatten() if "exp_avg" in state else torch.zeros(p.numel())
+        v = state["exp_avg_sq"].clone().flatten() if "exp_avg" in state else torch.zeros(p.numel())
+        c = AdamCoefficients(-lr / (1 - 0.9 ** (step + 1)), (1 - 0.999 ** (step + 1)) ** 0.5, eps,
+                             w1=1 - 0.9, b2=0.999, c2=1 - 0.999)
+        d = torch.empty(p.numel())
+        kern.update(None, grad.flatten(), m, v, c, d_out=d)
+        before = p.detach().clone().flatten()
+        p.grad = grad
+        opt.step()
+        applied = p.detach().flatten() - before
+        kept = take_top_k(d.abs(), k)
+        assert torch.equal(torch.nonzero(applied).squeeze(1), kept), step
+        assert torch.equal(opt.state[p]["exp_avg"].flatten(), m)
+        assert torch.equal(opt.state[p]["exp_avg_sq"].flatten(), v)
+        torch.testing.assert_close(applied[kept], d[kept], rtol=1e-6, atol=0)
 
 
 # ----- invariant 5: online_step K > 1 ----------------------------------------------------------
@@ -418,3 +542,14 @@ def test_dtype_of_task_vector():
     opt = OnTIESAdamW(params.items(), tau_dtype=torch.float32)
     opt.init_ref_param_diff(ref, params)
     assert opt.tau_dense(params["layer.weight"]).dtype == torch.float32
+
+
+def test_radix_kth_largest_and_large_ties():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3_000_000, generator=g).abs()
+    x[::7] = 0.25  # a heavy tie
+    for k in (1, 1000, 428_572, 2_000_000):
+        assert radix_kth_largest(x, k).item() == torch.kthvalue(x, x.numel() - k + 1).values.item()
+        got = take_top_k(x, k)  # the radix path (more than 2^20 entries)
+        expected = torch.sort(x, descending=True, stable=True).indices[:k].sort().values
+        assert torch.equal(got, expected), k

@@ -23,7 +23,7 @@ from torch import nn
 
 from taxfree.errors import TaxfreeError
 from taxfree.optim import OnDAREAdamW, OnTIESAdamW
-from taxfree.optim.sharded import FlatLayout, kth_largest
+from taxfree.optim.sharded import FlatLayout, kth_largest, take_top_k_across_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -60,9 +60,9 @@ def ds_config(stage: int) -> dict:
     return config
 
 
-def single_process(name: str, kw: dict, steps: int) -> tuple[dict, dict]:
-    """(parameters, tau) of the plain one-process run."""
-    base, ref, policy = make_model(0), make_model(1), make_model(1)
+def single_process(name: str, kw: dict, steps: int, ref_seed: int = 1) -> tuple[dict, dict]:
+    """(parameters, tau) of the plain one-process run (ref_seed 0: ref = base, tau = 0)."""
+    base, ref, policy = make_model(0), make_model(ref_seed), make_model(1)
     opt = CLASSES[name](policy.named_parameters(), lr=LR, **kw)
     opt.init_ref_param_diff(ref, base)
     tau = {n: opt.tau_dense(p).clone() for n, p in policy.named_parameters()}
@@ -77,13 +77,13 @@ def single_process(name: str, kw: dict, steps: int) -> tuple[dict, dict]:
 # ----- inside the 2-process world ----------------------------------------------------------------
 
 
-def _engine(stage: int, name: str, kw: dict, defer: bool | str | None):
+def _engine(stage: int, name: str, kw: dict, defer: bool | str | None, ref_seed: int = 1):
     """defer: False (tau built over whole tensors, cut into the partitions at the first step),
     True (built at the first step, piece by piece), "after" (init_ref_param_diff called once
     DeepSpeed holds the parameters), None (no tau source at all: it must come from a checkpoint)."""
     import deepspeed
 
-    base, ref, policy = make_model(0), make_model(1), make_model(1)
+    base, ref, policy = make_model(0), make_model(ref_seed), make_model(1)
     opt = CLASSES[name](policy.named_parameters(), lr=LR, **kw)
     if defer in (False, True):
         opt.init_ref_param_diff(ref, base, defer=defer)
@@ -141,6 +141,11 @@ def _scenarios(stage: int, tmp: str) -> dict:
         engine, opt = _engine(stage, name, kw, defer=True if name == "onties" else "after")
         _train(engine, 0, 4)
         out[f"exact/{name}"] = {"params": _full_params(engine), **_tau_pieces(engine, opt)}
+    # OnTIES when |D| ties at the k-th largest across the ranks' pieces (Adam's first steps, eps 0)
+    for sid, (kw, steps, ref_seed) in TIES.items():
+        engine, _ = _engine(stage, "onties", kw, defer=True, ref_seed=ref_seed)
+        _train(engine, 0, steps)
+        out[f"ties/{sid}"] = _full_params(engine)
     # OnDARE q < 1: one step from the start, no merge: the applied update is dropout(D)
     for rescale in (False, True):
         engine, _ = _engine(stage, "ondare", dict(reserve_p=0.3, rescale=rescale), defer=False)
@@ -170,6 +175,15 @@ def _scenarios(stage: int, tmp: str) -> dict:
         }
     deepspeed.comm.barrier()
     return out
+
+
+# Adam's first step with eps 0 has |D| = lr up to rounding everywhere, so the tie rule decides the
+# kept entries: {id: (kwargs, steps, ref seed)}; ref seed 0 gives tau = 0, so that without merging
+# the moved entries are exactly the kept ones.
+TIES = {
+    "first-step": (dict(reserve_p=0.5, eps=0.0), 1, 0),
+    "merge": (dict(reserve_p=0.5, eps=0.0, alpha=0.2, use_merge=True, rescale=True, weight_decay=0.1), 3, 1),
+}
 
 
 def _worker(rank: int, stage: int, port: int, tmp: str) -> None:
@@ -241,6 +255,25 @@ def test_zero_equals_single_process(world, name):
     tau = assemble(results, shapes)
     for n in expected_tau:
         assert torch.equal(tau[n], expected_tau[n].float()), (stage, name, n)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("sid", list(TIES))
+def test_zero_onties_keeps_exactly_k_with_ties_across_ranks(world, sid):
+    """Ties at the k-th largest |D| are taken by lowest flat index in the whole tensor, whichever
+    rank holds them: exactly k entries per tensor, the same as one process."""
+    stage, ranks = world
+    kw, steps, ref_seed = TIES[sid]
+    expected, _ = single_process("onties", kw, steps, ref_seed)
+    for rank in ranks:
+        got = rank[f"ties/{sid}"]
+        for n, value in expected.items():
+            torch.testing.assert_close(got[n], value, rtol=1e-5, atol=1e-6, msg=f"{stage} {sid} {n}")
+    if sid == "first-step":
+        start = make_model(1).state_dict()
+        for n, value in start.items():
+            k = int(kw["reserve_p"] * value.numel())
+            assert int((ranks[0][f"ties/{sid}"][n] != value).sum()) == k, (stage, n)
 
 
 @pytest.mark.dist
@@ -413,6 +446,24 @@ def test_kth_largest_radix_select_is_exact(monkeypatch):
             assert got[t].item() == torch.kthvalue(v, v.numel() - k + 1).values.item(), (t, k)
     assert len(calls) == 8 and calls[0] == (5, 256)  # 4 rounds, one all-reduce each, all tensors at once
     assert kth_largest(_one_rank_layout([3]), {}, {}) == {}
+
+
+def test_take_top_k_across_ranks_on_one_rank_is_take_top_k(monkeypatch):
+    """With one rank (the all-reduce the identity) the cross-rank selection is the unsharded
+    rule: exactly k, ties by lowest position; an offset does not change which ties a lone rank
+    takes (no other rank's ties lie before it)."""
+    import taxfree.optim.sharded as sharded
+    from taxfree.optim.sparsify import take_top_k
+
+    monkeypatch.setattr(sharded, "_all_reduce", lambda tensor, group: None)
+    g = torch.Generator().manual_seed(0)
+    values = {0: torch.randint(0, 4, (1000,), generator=g).float(), 1: torch.full((50,), 2.0),
+              2: torch.randn(300, generator=g).abs()}
+    ks = {0: 333, 1: 7, 2: 300}
+    got = take_top_k_across_ranks(_one_rank_layout([1000, 50, 300]), ks, values, {0: 0, 1: 12, 2: 5})
+    for t, k in ks.items():
+        assert got[t].numel() == k
+        assert torch.equal(got[t], take_top_k(values[t], k)), t
 
 
 @pytest.mark.parametrize("cls,kw", [

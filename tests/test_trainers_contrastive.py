@@ -206,3 +206,38 @@ def test_ref_model_is_frozen_and_columns_survive_remove_unused_columns(tmp_path)
     trainer.train()
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.ref_model.parameters()))
+
+
+TIED = [
+    {"prompt": "2+2=", "completions": ["4", "5"], "rewards": [1.0, 0.0]},
+    {"prompt": "say hi: ", "completions": ["hello", "go"], "rewards": [0.5, 0.5]},  # no preference
+]
+
+
+@pytest.mark.parametrize("loss_type", ["kto-pair", "exo-pref", "dpo-pref"])
+def test_tied_pairs_are_not_trained_as_preferences(tmp_path, loss_type):
+    """A pair with equal rewards counts 0 in the loss (the mean stays over the batch's prompts)
+    and gets no gradient; the reward metrics count only the prompt with a preference."""
+    from taxfree.losses import kto_pair_loss
+
+    trainer = make_trainer(tmp_path, TIED, loss_type=loss_type, ref_seed=1, eval_records=TIED, beta_pi=0.5)
+    batch = full_batch(trainer)
+    with torch.no_grad():
+        z = trainer.completion_logratios(trainer.model, batch)
+    if loss_type == "kto-pair":  # the KL reference points come from the preferred pair alone
+        expected = kto_pair_loss(z[:1, 0], z[:1, 1], trainer.args.beta).item() / 2
+    else:
+        expected = contrastive_loss(loss_type, z[:1], batch["rewards"][:1], beta_pi=0.5).item() / 2
+    with torch.no_grad():
+        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(expected, rel=1e-5)
+    tied_only = trainer.data_collator([trainer.train_dataset[1]])
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, tied_only)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())
+
+    scale = trainer.args.beta if loss_type == "kto-pair" else 0.5
+    metrics = trainer.evaluate()
+    assert metrics["eval_rewards/accuracies"] == float(z[0, 0] > z[0, 1])
+    assert metrics["eval_rewards/margins"] == pytest.approx(scale * (z[0, 0] - z[0, 1]).item(), rel=1e-4)

@@ -324,7 +324,8 @@ def pref_to_rw(record: dict, rewards: tuple[float, float] = (1.0, 0.0)) -> dict:
 
 def rw_to_pref(record: dict) -> dict | None:
     """Best versus worst completion (first of each on ties); None when they carry no preference
-    (all rewards equal, or the best and worst texts are identical)."""
+    (all rewards equal, or the best and worst texts are identical). A reward tie is never turned
+    into a preference: the pairwise losses (taxfree.losses.contrastive) give a tied pair weight 0."""
     rewards = record["rewards"]
     best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
     worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))

@@ -5,6 +5,15 @@ tokens) and rewards r_i. The policy's distribution over the K completions is
 p = softmax(beta_pi * z); the target is q = softmax(r / beta_r) (`*-rw`) or (1 - eps, eps) for
 (winner, loser) (`*-pref`, K = 2). EXO minimises the reverse KL(p || q), DPO-style methods the
 forward cross-entropy -sum q log p. Pure functions: no model, no trainer.
+
+Reward ties in the pairwise kinds: a pair whose two rewards are equal carries no preference, so
+it adds nothing to the loss (and gets no gradient); the loss stays the mean over all B prompts,
+so a batch's loss is still the average of its micro-batches' losses. The EXO authors' code makes
+the second completion the winner of a tie (`if r_0 > r_1: first wins, else second`), which
+trains a full preference the rewards do not express. The uniform target q = (1/2, 1/2) (what
+exo-rw gives equal rewards) would pull the pair's log-ratios together, a gradient the data does
+not ask for either, and `taxfree.data.records.rw_to_pref` already turns no tied pair into a
+preference pair: all paths follow the same rule.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ EXO_PREF_EPS = 1.0 / (1.0 + math.exp(10.0))
 def winner_loser(values: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split [B, 2] `values` into (winner, loser) columns; the winner has the larger reward.
 
-    A tie goes to the first completion (torch.argmax picks the first maximum).
+    Where the rewards tie the split is (first, second), and the pair carries no preference
+    (`has_preference`): the losses here give it weight 0 (see the module docstring).
     """
     if values.dim() != 2 or values.shape[1] != 2 or rewards.shape != values.shape:
         raise TaxfreeError(
@@ -37,6 +47,16 @@ def winner_loser(values: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Ten
         )
     win = rewards.argmax(dim=1, keepdim=True)
     return values.gather(1, win).squeeze(1), values.gather(1, 1 - win).squeeze(1)
+
+
+def has_preference(rewards: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the [B, 2] pair's rewards differ (a tie carries no preference)."""
+    return rewards[:, 0] != rewards[:, 1]
+
+
+def mean_over_prompts(per_pair: torch.Tensor, preferred: torch.Tensor) -> torch.Tensor:
+    """Mean over all B prompts of the per-pair losses, tied pairs counting 0 (no gradient)."""
+    return torch.where(preferred, per_pair, torch.zeros_like(per_pair)).sum() / per_pair.numel()
 
 
 def contrastive_loss(
@@ -53,7 +73,8 @@ def contrastive_loss(
     - exo-pref: same reverse KL with q = (1 - pref_eps, pref_eps) for (winner, loser); K = 2
     - dpo-rw:   -sum_i q_i log p_i,             q = softmax(r / beta_r)
     - dpo-pref: -log sigmoid(beta_pi * (z_w - z_l)); K = 2
-    where p = softmax(beta_pi * z). Rewards carry no gradient.
+    where p = softmax(beta_pi * z). Rewards carry no gradient. In the -pref kinds a pair with
+    equal rewards counts 0 (the mean is still over all B prompts).
     """
     where = "contrastive_loss"
     if kind not in CONTRASTIVE_KINDS:
@@ -76,11 +97,13 @@ def contrastive_loss(
         if not 0.0 < pref_eps < 0.5:
             raise TaxfreeError(f"{where}: pref_eps must be in (0, 0.5), got {pref_eps!r}")
         z_w, z_l = winner_loser(logratios, rewards)
+        preferred = has_preference(rewards)
         if kind == "dpo-pref":
-            return -F.logsigmoid(beta_pi * (z_w - z_l)).mean()
+            return mean_over_prompts(-F.logsigmoid(beta_pi * (z_w - z_l)), preferred)
         logratios = torch.stack([z_w, z_l], dim=1)
         log_q = logratios.new_tensor([math.log1p(-pref_eps), math.log(pref_eps)]).expand_as(logratios)
     else:
+        preferred = None
         log_q = F.log_softmax(rewards / beta_r, dim=1)
 
     log_p = F.log_softmax(beta_pi * logratios, dim=1)
@@ -88,7 +111,7 @@ def contrastive_loss(
         per_prompt = (log_p.exp() * (log_p - log_q)).sum(dim=1)
     else:
         per_prompt = -(log_q.exp() * log_p).sum(dim=1)
-    return per_prompt.mean()
+    return per_prompt.mean() if preferred is None else mean_over_prompts(per_prompt, preferred)
 
 
 BETA_PI = Param("beta_pi", 0.1, float, "policy scale of the K-way methods: p = softmax(beta_pi * z)", within="> 0")

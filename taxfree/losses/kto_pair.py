@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from taxfree.losses._checks import check_positive, check_same_1d
-from taxfree.losses.contrastive import winner_loser
+from taxfree.losses.contrastive import has_preference, winner_loser
 from taxfree.losses.methods import BETA, TAXFREE_CONTRASTIVE, TRL_KTO, AlignMethod
 
 
@@ -30,10 +30,18 @@ def kto_pair_loss(z_chosen: torch.Tensor, z_rejected: torch.Tensor, beta: float 
 
 def kto_pair_pair_loss(logratios: torch.Tensor, rewards: torch.Tensor, beta: float = 0.1):
     """kto-pair on [B, 2] log-ratios and rewards (the winner has the larger reward), with the
-    two KL reference points as metrics."""
+    two KL reference points as metrics. A pair whose rewards tie carries no preference: it counts
+    0 (the loss stays a mean over all B prompts) and is left out of the KL estimates."""
     z_w, z_l = winner_loser(logratios, rewards)
+    preferred = has_preference(rewards)
+    if not bool(preferred.any()):
+        zero = logratios.sum() * 0.0
+        return zero, {"kl/chosen": zero.detach(), "kl/rejected": zero.detach()}
+    if not bool(preferred.all()):
+        z_w, z_l = z_w[preferred], z_l[preferred]
     kl_chosen, kl_rejected = kto_pair_kl_estimates(z_w, z_l)
-    return kto_pair_loss(z_w, z_l, beta), {"kl/chosen": kl_chosen, "kl/rejected": kl_rejected}
+    loss = kto_pair_loss(z_w, z_l, beta) * (z_w.numel() / preferred.numel())
+    return loss, {"kl/chosen": kl_chosen, "kl/rejected": kl_rejected}
 
 
 METHODS = (

@@ -16,11 +16,17 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class AdamCoefficients:
-    """Per-tensor scalars of one Adam step: D = step_size * m / (sqrt(v)/bc2_sqrt + eps)."""
+    """Per-tensor scalars of one Adam step: D = step_size * m / (sqrt(v)/bc2_sqrt + eps), and
+    those of the moment update (m.lerp_(g, w1); v = b2*v + c2*g*g; p *= decay) for the paths
+    that run it themselves (taxfree.optim.cpu_kernel)."""
 
     step_size: float  # -lr / (1 - beta1**t)
     bc2_sqrt: float  # sqrt(1 - beta2**t)
     eps: float
+    w1: float = 0.0  # 1 - beta1
+    b2: float = 0.0  # beta2
+    c2: float = 0.0  # 1 - beta2
+    decay: float = 1.0  # 1 - lr * weight_decay
 
 
 def advance_moments_(
@@ -43,20 +49,32 @@ def advance_moments_(
     """
     if not params:
         return []
-    torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    coefficients = count_steps_(steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                weight_decay=weight_decay)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    return coefficients
+
+
+def count_steps_(
+    steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
+) -> list[AdamCoefficients]:
+    """Count the step of every tensor and return its coefficients (moments untouched)."""
+    if not steps:
+        return []
+    torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
     coefficients = []
     for step in steps:
         t = step.item()
         bias_correction1 = 1 - beta1**t
         bias_correction2 = 1 - beta2**t
-        coefficients.append(
-            AdamCoefficients((lr / bias_correction1) * -1, bias_correction2**0.5, eps)
-        )
+        coefficients.append(AdamCoefficients(
+            (lr / bias_correction1) * -1, bias_correction2**0.5, eps,
+            w1=1 - beta1, b2=beta2, c2=1 - beta2, decay=1 - lr * weight_decay,
+        ))
     return coefficients
 
 

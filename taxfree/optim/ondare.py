@@ -1,9 +1,12 @@
 """OnDARE-AdamW: AdamW whose update is randomly sparsified (DARE) and merged with tau.
 
-docs/algorithms.md 1.2 and 1.3. With reserve_p = q < 1 and no rescale, the kept positions are drawn
-as geometric gaps (about q*n random numbers) and D is computed at those positions only: the
-Adam moments still update everywhere, but no dense update tensor is formed, so a step costs
-less than AdamW's. A sparse tau adds only its q*n entries.
+docs/algorithms.md 1.2 and 1.3.
+
+With reserve_p = q < 1 the kept positions are drawn as geometric gaps (about q*n random
+numbers) and D is computed at those positions only: the Adam moments still update everywhere,
+but no dense update tensor is formed. On a CPU the moment update (and, with rescale, |D|_1) is
+one fused pass over g, m, v (taxfree.optim.cpu_kernel), so a step costs about what torch's fused
+AdamW costs; elsewhere torch's foreach ops do it. A sparse tau adds only its q*n entries.
 
 Under DeepSpeed ZeRO a slot may be one rank's piece of a tensor: the mask is then drawn over the
 piece (a different, equally distributed mask than unsharded), and the rescale's two L1 norms
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from taxfree.optim import cpu_kernel
 from taxfree.optim.adamw_math import adam_update_at, adam_updates, signed_at, update_magnitude
 from taxfree.optim.online_merging import MERGING_HYPERPARAMETERS, MergeSlot, OnlineMergingAdamW, add_tau_, flat
 from taxfree.optim.sharded import FlatLayout, tensor_sums
@@ -75,10 +79,11 @@ class OnDAREAdamW(OnlineMergingAdamW):
                     torch._foreach_add_([s.param for s in slots], updates)
                 else:
                     torch._foreach_add_([s.param for s in slots], updates, alpha=weight)
+            done = set()
         else:
-            self._apply_dropped_(group, slots, updates, generator, q, weight, across_ranks, layout)
+            done = self._apply_dropped_(group, slots, updates, generator, q, weight, across_ranks, layout)
         if use_merge and alpha != 0.0:
-            add_tau_(slots, alpha)
+            add_tau_([s for i, s in enumerate(slots) if i not in done], alpha)
 
     @staticmethod
     def _sums(layout: FlatLayout, slots: list[MergeSlot], local_sums: Tensor) -> Tensor:
@@ -87,9 +92,12 @@ class OnDAREAdamW(OnlineMergingAdamW):
 
     def _apply_dropped_(
         self, group, slots, updates, generator, q, weight, across_ranks=False, layout=None
-    ) -> None:
-        """p += weight * dropout(D, keep=q) with one mask draw across the whole bucket."""
+    ) -> set[int]:
+        """p += weight * dropout(D, keep=q) with one mask draw across the whole bucket. Returns
+        the slots whose alpha * tau was added too (the fused pass adds it on the way)."""
         rescale = group["rescale"]
+        tau_alpha = group["alpha"] if group["use_merge"] else 0.0
+        done = set()
         positions = bounds = None
         if slots:
             device = slots[0].param.device
@@ -101,7 +109,23 @@ class OnDAREAdamW(OnlineMergingAdamW):
         for i, slot in enumerate(slots):
             index = positions[bounds[i] : bounds[i + 1]] - offsets[i]
             full_l1 = None
-            if updates is not None:
+            if slot.grad is not None and not rescale:  # the whole step in the fused CPU pass
+                sparse = slot.tau_index is not None and cpu_kernel.usable(slot.tau_value) \
+                    and slot.tau_index.dtype == torch.int32 and tau_alpha != 0.0
+                cpu_kernel.kernel().update_apply(
+                    flat(slot.param), slot.grad, flat(slot.exp_avg), flat(slot.exp_avg_sq),
+                    slot.coefficients, index, q, weight, slot.tau_index if sparse else None,
+                    slot.tau_value if sparse else None, tau_alpha,
+                )
+                slot.grad = None
+                if sparse:
+                    done.add(i)
+                continue
+            if slot.grad is not None:  # the fused CPU pass: moments and |D|_1, then D at index
+                full_l1 = self.moments_(slot, l1=rescale)
+                kept = cpu_kernel.kernel().at(flat(slot.exp_avg), flat(slot.exp_avg_sq), index,
+                                              slot.coefficients)
+            elif updates is not None:
                 kept = flat(updates[i]).index_select(0, index)
                 if rescale:
                     full_l1 = torch.linalg.vector_norm(updates[i], 1).item()
@@ -127,6 +151,7 @@ class OnDAREAdamW(OnlineMergingAdamW):
             for (slot, index, kept, _, _), (full_l1, kept_l1) in zip(pending, totals):
                 self._rescale_(kept, full_l1, kept_l1, group)
                 flat(slot.param).index_add_(0, index, kept, alpha=weight)
+        return done
 
     @staticmethod
     def _rescale_(kept: Tensor, full_l1: float, kept_l1: float | Tensor, group: dict) -> None:

@@ -16,7 +16,7 @@ quantities across ranks (taxfree.optim.sharded).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -25,8 +25,9 @@ from torch.optim import Optimizer
 
 from taxfree.errors import TaxfreeError
 from taxfree.params import Param
-from taxfree.optim.adamw_math import AdamCoefficients, adam_updates, advance_moments_
-from taxfree.optim.named_tensors import NamedTensors
+from taxfree.optim import cpu_kernel
+from taxfree.optim.adamw_math import AdamCoefficients, adam_updates, advance_moments_, count_steps_
+from taxfree.optim.named_tensors import NamedTensors, canonical_name
 from taxfree.optim.sharded import FlatLayout, Segment
 from taxfree.optim.sparsify import mix_seed
 
@@ -46,6 +47,9 @@ class MergeSlot:
     tau_value: Tensor | None
     numel: int = 0  # entries of the whole tensor (0: the slot is the whole tensor)
     tensor: int | None = None  # index into the FlatLayout when the slot is a piece of a partition
+    # Set (the flat gradient) when the moment update is left to the merge rule: it must run the
+    # fused CPU pass (OnlineMergingAdamW.moments_ or cpu_kernel directly) before using m and v.
+    grad: Tensor | None = None
 
     @property
     def full_numel(self) -> int:
@@ -169,6 +173,7 @@ class OnlineMergingAdamW(Optimizer):
         self._tau_requested = False  # init_ref_param_diff was called (eagerly or deferred)
         self._layouts: dict[Tensor, FlatLayout] = {}
         self._fsdp1: dict[int, FlatLayout] = {}  # id(group) -> its FSDP1 pieces (bind_fsdp1)
+        self._fsdp2: dict[int, tuple] = {}  # id(group) -> (ids of its DTensors, their layout or None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's, plus a record of the group's own tensors: DeepSpeed later swaps them for flat
@@ -294,7 +299,9 @@ class OnlineMergingAdamW(Optimizer):
                 f"{tuple(r.shape)}, base {tuple(b.shape)}{hint}"
             )
         diff = r.to(device=device, dtype=torch.float32) - b.to(device=device, dtype=torch.float32)
-        generator = torch.Generator(device=device).manual_seed(mix_seed(group["seed"], "tau", name))
+        # By the name without wrapper prefixes: a DDP-wrapped ("module.") policy draws the mask a
+        # plain one draws.
+        generator = torch.Generator(device=device).manual_seed(mix_seed(group["seed"], "tau", canonical_name(name)))
         return self.build_task_vector(diff, group, generator)
 
     def _build_tau(self, group: dict, name: str, p: Tensor, ref, base) -> None:
@@ -433,18 +440,18 @@ class OnlineMergingAdamW(Optimizer):
         for gi, group in enumerate(self.param_groups):
             buckets: dict[Any, list[tuple[int, Tensor]]] = {}
             layouts: dict[Any, FlatLayout] = {}
-            fsdp1 = self._fsdp1.get(id(group))
+            pieces, fsdp1 = self._piece_layout(gi, group)
             for pi, p in enumerate(group["params"]):
-                if fsdp1 is not None and local(p).numel() == 0:
-                    continue  # an FSDP1 piece held by other ranks
+                if pieces is not None and local(p).numel() == 0:
+                    continue  # a piece held by other ranks
                 if p.grad is None:
-                    if fsdp1 is not None:
+                    if fsdp1:
                         raise TaxfreeError(f"{type(self).__name__} under FSDP1: parameter {self._describe(gi, pi)} "
                                            "has no gradient (frozen parameters need a param group of their own)")
                     continue
                 if p.grad.is_sparse:
                     raise TaxfreeError(f"{type(self).__name__} does not support sparse gradients")
-                layout = fsdp1 if fsdp1 is not None else self.flat_layout(group, p)
+                layout = pieces if pieces is not None else self.flat_layout(group, p)
                 if layout is None and id(p) not in self._original_ids:
                     self._adopt_replacement(group, pi, p)
                 state = self.state[p]
@@ -466,16 +473,23 @@ class OnlineMergingAdamW(Optimizer):
                     state["cached_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 lp = local(p)
                 key: Any = (lp.device, lp.dtype)
-                if fsdp1 is not None:  # every piece of the group in one bucket, its reductions shared
-                    key = ("fsdp1", id(group))
+                if pieces is not None:  # every piece of the group in one bucket, its reductions shared
+                    key = ("pieces", id(group))
                     layouts[key] = layout
                 elif layout is not None:  # a partition steps alone: its reductions are per partition
                     key = ("partition", id(p))
                     layouts[key] = layout
                 buckets.setdefault(key, []).append((pi, p))
-            if fsdp1 is not None and not buckets:  # no piece here: still take part in the reductions
-                buckets[("fsdp1", id(group))] = []
-                layouts[("fsdp1", id(group))] = fsdp1
+            if pieces is not None:
+                if not buckets:  # no piece here: still take part in the reductions
+                    buckets[("pieces", id(group))] = []
+                    layouts[("pieces", id(group))] = pieces
+                if not fsdp1:  # FSDP2: tensors without a gradient (on every rank) sit this step out
+                    stepped = [p.grad is not None for p in group["params"]]
+                    if not all(stepped):
+                        layouts[("pieces", id(group))] = replace(
+                            pieces, shared=[s and g for s, g in zip(pieces.shared, stepped)]
+                        )
             if not buckets:
                 continue
             group["group_step"] += 1
@@ -489,6 +503,30 @@ class OnlineMergingAdamW(Optimizer):
                 generator = self._generator(device).manual_seed(seed)
                 self._step_bucket(group, [p for _, p in members], generator, layout)
         return loss
+
+    def _piece_layout(self, group_index: int, group: dict) -> tuple[FlatLayout | None, bool]:
+        """(layout, is FSDP1) when the group's parameters are pieces of tensors spread over ranks:
+        FSDP1 pieces (`bind_fsdp1`) or FSDP2 DTensors (found here, once per set of parameters);
+        (None, False) otherwise."""
+        layout = self._fsdp1.get(id(group))
+        if layout is not None:
+            return layout, True
+        from torch.distributed.tensor import DTensor
+
+        params = group["params"]
+        if not params or not isinstance(params[0], DTensor):
+            return None, False
+        for pi, p in enumerate(params):  # accelerate's FSDP2 switch, before the layout is read
+            if id(p) not in self._original_ids:
+                self._adopt_replacement(group, pi, p)
+        key = tuple(id(p) for p in params)
+        cached = self._fsdp2.get(id(group))
+        if cached is None or cached[0] != key:
+            from taxfree.optim.fsdp2 import dtensor_layout
+
+            cached = (key, dtensor_layout(self, group, group_index))
+            self._fsdp2[id(group)] = cached
+        return cached[1], False
 
     def _adopt_replacement(self, group: dict, index: int, p: Tensor) -> None:
         """accelerate's FSDP2 preparation puts a sharded DTensor copy of each tensor in its place
@@ -557,18 +595,15 @@ class OnlineMergingAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         P = [local(p) for p in params]
-        coefficients = advance_moments_(
-            P,
-            [local(p.grad) for p in params],
-            [local(s["exp_avg"]) for s in states],
-            [local(s["exp_avg_sq"]) for s in states],
-            [s["step"] for s in states],
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
+        G = [local(p.grad) for p in params]
+        M = [local(s["exp_avg"]) for s in states]
+        V = [local(s["exp_avg_sq"]) for s in states]
+        hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        fused = self._fused_pass(group, P, G, M, V)
+        if fused:  # the merge rule runs the moment update itself, in one pass with what it needs
+            coefficients = count_steps_([s["step"] for s in states], **hp)
+        else:
+            coefficients = advance_moments_(P, G, M, V, [s["step"] for s in states], **hp)
         k = group["online_step"]
         merge_at = [i for i, s in enumerate(states) if k == 1 or int(s["step"].item()) % k == 0]
         if k > 1:
@@ -611,13 +646,57 @@ class OnlineMergingAdamW(Optimizer):
                     tau_value=states[i].get("tau_value"),
                     numel=layout.numels[t] if t is not None else 0,
                     tensor=t,
+                    grad=flat(G[i]) if fused else None,
                 ))
         else:
             (i,) = merge_at  # a partition is stepped alone
             slots = [segment_slot(P[i], states[i], coefficients[i], s, layout) for s in layout.segments]
+            if fused:
+                for slot, seg in zip(slots, layout.segments):
+                    slot.grad = flat(G[i]).narrow(0, seg.start, seg.numel)
+                self._moments_between_segments_(P[i], G[i], M[i], V[i], coefficients[i], layout)
             if updates is not None:
                 updates = [updates[0].narrow(0, s.start, s.numel) for s in layout.segments]
         self.apply_merged_update_(group, slots, updates, generator, layout)
+
+    @staticmethod
+    def _fused_pass(group: dict, *tensors: list[Tensor]) -> bool:
+        """Whether the merge rule runs the moment update in the fused CPU pass
+        (taxfree.optim.cpu_kernel): only where something is trimmed (reserve_p < 1; with nothing
+        trimmed the torch ops keep the optimizers bit for bit torch.optim.AdamW), with a merge at
+        every step, on contiguous fp32 CPU tensors, and when the kernel built."""
+        if group["online_step"] != 1 or group["reserve_p"] >= 1.0:
+            return False
+        if not all(cpu_kernel.usable(*ts) for ts in tensors):
+            return False
+        return cpu_kernel.kernel() is not None
+
+    @staticmethod
+    def _moments_between_segments_(p, g, m, v, coefficients, layout: FlatLayout) -> None:
+        """The fused path updates moments per tensor piece: the entries of a flat partition that
+        belong to no piece (alignment padding) get theirs here, as the elementwise torch path
+        gives them."""
+        kern = cpu_kernel.kernel()
+        start = 0
+        for seg in sorted(layout.segments, key=lambda s: s.start) + [None]:
+            end = seg.start if seg is not None else p.numel()
+            if end > start:
+                kern.update(flat(p).narrow(0, start, end - start), flat(g).narrow(0, start, end - start),
+                            flat(m).narrow(0, start, end - start), flat(v).narrow(0, start, end - start),
+                            coefficients)
+            if seg is not None:
+                start = seg.start + seg.numel
+
+    def moments_(self, slot: "MergeSlot", d_out: Tensor | None = None, l1: bool = False) -> float | None:
+        """For a slot whose moment update is pending (`slot.grad` set): the fused pass (decay,
+        moments; D into d_out; returns sum |D| when l1). Then `slot.grad` is cleared."""
+        c = slot.coefficients
+        total = cpu_kernel.kernel().update(
+            flat(slot.param) if c.decay != 1.0 else None, slot.grad, flat(slot.exp_avg),
+            flat(slot.exp_avg_sq), c, d_out=d_out, l1=l1,
+        )
+        slot.grad = None
+        return total
 
     # ----- state ----------------------------------------------------------------------------
 

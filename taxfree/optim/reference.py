@@ -2,7 +2,8 @@
 
 Not for training: it is the oracle the tests compare the fast optimizers with, and the
 baseline bench/optimizer_step.py measures them against. Dense masks, dense tau, one parameter
-at a time; top-k by the kthvalue threshold (the same "keep every |D| >= k-th largest" rule).
+at a time; top-k by a stable sort: exactly k entries, the largest |D| first and among equal |D|
+the lowest flat index first (the rule the fast optimizers document).
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ class ReferenceOnlineMergingAdamW(Optimizer):
         k = int(self.q * d.numel())
         if self.q >= 1 or k < 1:
             return d.clone()
-        threshold = torch.kthvalue(d.abs().flatten(), d.numel() - k + 1).values
-        kept = d * (d.abs() >= threshold)
+        order = torch.sort(d.abs().flatten(), descending=True, stable=True).indices
+        mask = torch.zeros(d.numel(), dtype=torch.bool, device=d.device)
+        mask[order[:k]] = True
+        kept = d * mask.view_as(d)
         if self.rescale and d.abs().sum() >= 1e-8:
             kept = kept * (d.abs().sum() / kept.abs().sum())
         return kept

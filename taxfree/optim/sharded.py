@@ -5,9 +5,10 @@ concatenation of this rank's pieces of the model's tensors. The online merging r
 original tensor (OnDARE's L1 rescale, OnTIES's top-k and its rescale), so a `FlatLayout` says which
 entries of the flat tensor belong to which tensor, and where a tensor's entries are spread over
 ranks the per-tensor quantities are combined across them: L1 sums by an all-reduce, the top-k
-threshold by an exact radix select whose histograms are all-reduced (four rounds of 256 counts).
-Both give the values an unsharded run computes (sums up to fp64 summation order; the threshold
-bit for bit), so the kept entries are the same.
+threshold by an exact radix select whose histograms are all-reduced (four rounds of 256 counts),
+and the entries tied with it by one more all-reduce of per-rank tie counts (ties go by lowest
+flat position in the whole tensor). Both give what an unsharded run computes (sums up to fp64
+summation order; the kept entries exactly), so the kept entries are the same.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from taxfree.optim.sparsify import keep_above_and_ties
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,26 @@ def tensor_sums(layout: FlatLayout, tensors: list[int], local: Tensor) -> Tensor
     return full[index]
 
 
+def tensor_min(layout: FlatLayout, local: dict[int, float], tensors: list[int]) -> dict[int, float]:
+    """The smallest over all ranks of a per-tensor value, for `tensors` (the same list on every
+    rank; a rank without a value for a tensor contributes +inf)."""
+    import torch.distributed as dist
+
+    values = torch.tensor([local.get(t, float("inf")) for t in tensors], dtype=torch.float64,
+                          device=layout.device)
+    if values.numel():
+        dist.all_reduce(values, op=dist.ReduceOp.MIN, group=layout.process_group)
+    return dict(zip(tensors, values.tolist()))
+
+
+def tensor_counts(layout: FlatLayout, local: dict[int, int], tensors: list[int]) -> dict[int, int]:
+    """Per-tensor counts summed over all ranks, for `tensors` (the same list on every rank)."""
+    counts = torch.tensor([local.get(t, 0) for t in tensors], dtype=torch.int64, device=layout.device)
+    if counts.numel():
+        _all_reduce(counts, layout.process_group)
+    return dict(zip(tensors, counts.tolist()))
+
+
 def kth_largest(
     layout: FlatLayout, ks: dict[int, int], values: dict[int, Tensor]
 ) -> dict[int, Tensor]:
@@ -131,3 +154,45 @@ def kth_largest(
         candidates = [c[d == b] for c, d, b in zip(candidates, digits, chosen)]
     thresholds = prefix.to(torch.int32).view(torch.float32)
     return {t: thresholds[i] for i, t in enumerate(order)}
+
+
+def take_top_k_across_ranks(
+    layout: FlatLayout, ks: dict[int, int], values: dict[int, Tensor], offsets: dict[int, int]
+) -> dict[int, Tensor]:
+    """Exactly k entries of each tensor over all ranks, as `sparsify.take_top_k` picks them in
+    the unsharded tensor: every entry above the k-th largest, then the entries equal to it by
+    lowest flat position in the whole tensor.
+
+    ks, values: as `kth_largest`; offsets: {tensor: flat position in the whole tensor of this
+    rank's first entry in `values[tensor]`} (pieces are contiguous ranges). Returns this rank's
+    kept positions within values[tensor] (ascending) for every tensor it holds entries of. After
+    the radix select, one all-reduce shares per tensor the count above the threshold and each
+    rank's count of ties and offset, so each rank knows how many ties lie before its piece.
+    """
+    thresholds = kth_largest(layout, ks, values)
+    order = sorted(ks)
+    if not order:
+        return {}
+    world, rank = layout.world, layout.rank
+    counts = torch.zeros(len(order), 1 + 2 * world, dtype=torch.int64, device=layout.device)
+    for i, t in enumerate(order):
+        v = values.get(t)
+        if v is None or v.numel() == 0:
+            continue
+        threshold = thresholds[t].to(v.dtype)
+        counts[i, 0] = torch.count_nonzero(v > threshold)
+        counts[i, 1 + rank] = torch.count_nonzero(v == threshold)
+        counts[i, 1 + world + rank] = offsets[t]
+    _all_reduce(counts, layout.process_group)
+    counts = counts.cpu()
+    out = {}
+    for i, t in enumerate(order):
+        v = values.get(t)
+        if v is None or v.numel() == 0:
+            continue
+        row = counts[i].tolist()
+        ties, starts = row[1 : 1 + world], row[1 + world :]
+        before = sum(n for r, n in enumerate(ties) if r != rank and n and starts[r] < offsets[t])
+        quota = max(0, min(ties[rank], ks[t] - row[0] - before))
+        out[t] = keep_above_and_ties(v, thresholds[t].to(v.dtype), quota)
+    return out

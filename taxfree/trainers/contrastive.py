@@ -35,6 +35,12 @@ class ContrastiveTrainer(Trainer):
     KL-like statistic), and the extra metrics a method's loss returns (kto-pair: `kl/chosen`,
     `kl/rejected`, the loss's reference points). The loss is the method's declared function
     (taxfree.losses.methods), called with its declared settings.
+
+    Reward ties carry no preference: in the pairwise losses (exo-pref, dpo-pref, kto-pair) a pair
+    with equal rewards counts 0 (the loss is still the mean over the batch's prompts), and the
+    reward metrics above count only prompts with a preference (accuracies: a single best reward;
+    chosen/rejected/margins: best reward above the worst); kto-pair's KL reference points are
+    estimated from the pairs with a preference.
     """
 
     # compute_loss returns a per-batch mean: the base class divides it by the accumulation steps.
@@ -150,20 +156,28 @@ class ContrastiveTrainer(Trainer):
         scale = self.args.method_settings()[self.method.reward_scale]
         best = rewards.argmax(dim=1, keepdim=True)
         worst = rewards.argmin(dim=1, keepdim=True)
+        top = rewards.gather(1, best)
+        single_best = (rewards == top).sum(dim=1) == 1  # the accuracy needs one best completion
+        preferred = top.squeeze(1) > rewards.gather(1, worst).squeeze(1)
         z_best = z.gather(1, best).squeeze(1)
         z_others = z.scatter(1, best, float("-inf")).max(dim=1).values
         per_prompt = torch.stack(
-            [(z_best > z_others).float(), scale * z_best, scale * z.gather(1, worst).squeeze(1)], dim=1
+            [(z_best > z_others).float(), scale * z_best, scale * z.gather(1, worst).squeeze(1),
+             single_best.float(), preferred.float()], dim=1
         )
         # Per-prompt rows go through gather_for_metrics, which drops the duplicated tail of the
         # last eval batch by counting rows: so z stays [B, K], one row per prompt.
         per_prompt = self.accelerator.gather_for_metrics(per_prompt)
         all_z = self.accelerator.gather_for_metrics(z.float())
         m = self._metrics[mode]
-        m["rewards/accuracies"].append(per_prompt[:, 0].mean().item())
-        m["rewards/chosen"].append(per_prompt[:, 1].mean().item())
-        m["rewards/rejected"].append(per_prompt[:, 2].mean().item())
-        m["rewards/margins"].append((per_prompt[:, 1] - per_prompt[:, 2]).mean().item())
+        single_best, preferred = per_prompt[:, 3].bool(), per_prompt[:, 4].bool()
+        if single_best.any():  # prompts whose rewards all tie carry no preference to be right about
+            m["rewards/accuracies"].append(per_prompt[single_best, 0].mean().item())
+        if preferred.any():
+            rows = per_prompt[preferred]
+            m["rewards/chosen"].append(rows[:, 1].mean().item())
+            m["rewards/rejected"].append(rows[:, 2].mean().item())
+            m["rewards/margins"].append((rows[:, 1] - rows[:, 2]).mean().item())
         m["logratios/mean"].append(all_z.mean().item())
         m["logratios/min"].append(all_z.min().item())
         m["logratios/max"].append(all_z.max().item())
